@@ -1,0 +1,5 @@
+import sys
+
+from spina_fast.cli import main
+
+sys.exit(main())

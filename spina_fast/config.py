@@ -1,0 +1,86 @@
+"""Agent configuration: parsed from the command line, validated once, frozen."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HTTP_ADDR = "127.0.0.1:8700"
+DEFAULT_DNS_ADDR = "127.0.0.1:8600"
+DEFAULT_RAFT_ADDR = "127.0.0.1:8701"
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, *, what: str) -> HostPort:
+    """Parse ``HOST:PORT`` or ``[V6]:PORT``; port 0 means "any free port"."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what} {text!r} is not HOST:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{what} {text!r} has a port outside 0..65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: host must be an IP address or localhost") from None
+    return HostPort(host, int(port_text))
+
+
+def validate_node_id(node_id: str) -> str:
+    if not _NODE_ID.match(node_id):
+        raise ValueError(
+            f"node id {node_id!r} must be 1-63 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return node_id
+
+
+def parse_peers(text: str) -> dict[str, HostPort]:
+    """Parse ``ID=HOST:PORT,ID=HOST:PORT`` (the other voters of the cluster)."""
+    peers: dict[str, HostPort] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node_id, sep, address = item.partition("=")
+        if not sep:
+            raise ValueError(f"peer {item!r} is not ID=HOST:PORT")
+        validate_node_id(node_id)
+        if node_id in peers:
+            raise ValueError(f"peer {node_id!r} is given twice")
+        hp = parse_host_port(address, what=f"peer {node_id}")
+        if hp.port == 0:
+            raise ValueError(f"peer {node_id!r} needs a real port, not 0")
+        peers[node_id] = hp
+    return peers
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node_id: str
+    data_dir: Path
+    http_addr: HostPort = field(default_factory=lambda: parse_host_port(DEFAULT_HTTP_ADDR, what="http"))
+    dns_addr: HostPort = field(default_factory=lambda: parse_host_port(DEFAULT_DNS_ADDR, what="dns"))
+    raft_addr: HostPort = field(default_factory=lambda: parse_host_port(DEFAULT_RAFT_ADDR, what="raft"))
+    peers: dict[str, HostPort] = field(default_factory=dict)
+    datacenter: str = "dc1"
+    dev: bool = False
+
+    def __post_init__(self) -> None:
+        validate_node_id(self.node_id)
+        if self.node_id in self.peers:
+            raise ValueError(f"--peers lists this node's own id {self.node_id!r}")
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", self.datacenter):
+            raise ValueError(f"datacenter {self.datacenter!r} must be lower-case letters, digits, '_' or '-'")
