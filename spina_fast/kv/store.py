@@ -1,0 +1,209 @@
+"""Consul-style KV as a Raft state machine.
+
+Commands are small binary records (see ``encode_put`` and friends) applied in log order; every entry
+carries CreateIndex / ModifyIndex (the Raft index of the command that created / last changed it).
+The store is deterministic: every node applying the same commands holds the same state and hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import hashlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+
+from spina_fast.errors import InvalidRequest
+
+MAX_VALUE_BYTES = 512 * 1024
+MAX_KEY_BYTES = 512
+
+OP_PUT = 1
+OP_DELETE = 2
+OP_DELETE_TREE = 3
+
+# op u8 | flags u64 | cas u64 (0 = unconditional, else ModifyIndex required; Consul: cas=0 means "only if absent")
+# | has_cas u8 | key length u16 | key | value
+_HEADER = struct.Struct(">BQQBH")
+
+
+@dataclass(slots=True)
+class Entry:
+    key: str
+    value: bytes
+    flags: int
+    create_index: int
+    modify_index: int
+
+    def to_consul(self) -> dict[str, object]:
+        return {
+            "LockIndex": 0, "Key": self.key, "Flags": self.flags,
+            "Value": base64.b64encode(self.value).decode() if self.value else None,
+            "CreateIndex": self.create_index, "ModifyIndex": self.modify_index,
+        }
+
+
+def validate_key(key: str) -> str:
+    if not key:
+        raise InvalidRequest("missing key: the path after /v1/kv/ names the key", field="key")
+    if key.startswith("/"):
+        raise InvalidRequest(f"key {key!r} must not start with '/'", field="key")
+    encoded = key.encode()
+    if len(encoded) > MAX_KEY_BYTES:
+        raise InvalidRequest(f"key is {len(encoded)} bytes; the limit is {MAX_KEY_BYTES}", field="key")
+    if any(ord(ch) < 0x20 for ch in key):
+        raise InvalidRequest("key contains control characters", field="key")
+    return key
+
+
+def _encode(op: int, key: str, value: bytes = b"", flags: int = 0, cas: int | None = None) -> bytes:
+    encoded_key = key.encode()
+    return _HEADER.pack(op, flags, cas or 0, cas is not None, len(encoded_key)) + encoded_key + value
+
+
+def encode_put(key: str, value: bytes, *, flags: int = 0, cas: int | None = None) -> bytes:
+    validate_key(key)
+    if len(value) > MAX_VALUE_BYTES:
+        raise InvalidRequest(f"value is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}", field="value")
+    if not 0 <= flags < 1 << 64:
+        raise InvalidRequest(f"flags {flags} is not an unsigned 64-bit integer", field="flags")
+    return _encode(OP_PUT, key, value, flags, cas)
+
+
+def encode_delete(key: str, *, recurse: bool = False, cas: int | None = None) -> bytes:
+    if not recurse:
+        validate_key(key)
+    return _encode(OP_DELETE_TREE if recurse else OP_DELETE, key, cas=cas)
+
+
+class KVStore:
+    """The state: entries by key, keys kept sorted for prefix scans, and watch notification."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._sorted_keys: list[str] = []
+        # Raft index of the last change to the KV (never 0 once anything applied; never goes backwards).
+        self.index = 0
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
+
+    # --- applying commands (called by the Raft driver, in log order) ---------------------------------
+
+    def apply(self, index: int, command: bytes) -> bool:
+        """Apply one command committed at ``index``; returns its result (False = CAS failed)."""
+        op, flags, cas, has_cas, key_length = _HEADER.unpack_from(command)
+        key = command[_HEADER.size:_HEADER.size + key_length].decode()
+        existing = self._entries.get(key)
+        if op == OP_PUT:
+            if has_cas and (existing.modify_index if existing else 0) != cas:
+                return False
+            value = command[_HEADER.size + key_length:]
+            if existing is None:
+                self._entries[key] = Entry(key, value, flags, index, index)
+                bisect.insort(self._sorted_keys, key)
+            else:
+                existing.value, existing.flags, existing.modify_index = value, flags, index
+            self._touch(index, key)
+            return True
+        if op == OP_DELETE:
+            if has_cas and (existing is None or existing.modify_index != cas):
+                return False
+            if existing is not None:
+                del self._entries[key]
+                del self._sorted_keys[bisect.bisect_left(self._sorted_keys, key)]
+                self._touch(index, key)
+            return True
+        if op == OP_DELETE_TREE:
+            keys = list(self._prefix_keys(key))
+            for name in keys:
+                del self._entries[name]
+            if keys:
+                start = bisect.bisect_left(self._sorted_keys, key)
+                del self._sorted_keys[start:start + len(keys)]
+                self._touch(index, key)
+            return True
+        raise ValueError(f"unknown KV op {op}")
+
+    def _touch(self, index: int, key: str) -> None:
+        self.index = index
+        if not self._waiters:
+            return
+        remaining = []
+        for prefix, future in self._waiters:
+            if key.startswith(prefix) or prefix.startswith(key):
+                if not future.done():
+                    future.set_result(None)
+            else:
+                remaining.append((prefix, future))
+        self._waiters = remaining
+
+    # --- reads -----------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        return self._entries.get(key)
+
+    def _prefix_keys(self, prefix: str) -> Iterator[str]:
+        start = bisect.bisect_left(self._sorted_keys, prefix)
+        for name in self._sorted_keys[start:]:
+            if not name.startswith(prefix):
+                return
+            yield name
+
+    def list(self, prefix: str) -> list[Entry]:
+        return [self._entries[name] for name in self._prefix_keys(prefix)]
+
+    def keys(self, prefix: str, separator: str = "") -> list[str]:
+        names: list[str] = []
+        for name in self._prefix_keys(prefix):
+            if separator:
+                cut = name.find(separator, len(prefix))
+                if cut >= 0:
+                    name = name[:cut + len(separator)]
+                    if names and names[-1] == name:
+                        continue
+            names.append(name)
+        return names
+
+    async def wait_for_change(self, prefix: str, timeout: float) -> None:
+        """Return when a key under ``prefix`` (or ``prefix`` itself) changes, or after ``timeout``."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((prefix, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if not future.done():
+                future.cancel()
+                self._waiters = [(p, f) for p, f in self._waiters if f is not future]
+
+    # --- snapshot ----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        return orjson.dumps({
+            "index": self.index,
+            "entries": [[e.key, e.value.hex(), e.flags, e.create_index, e.modify_index]
+                        for e in (self._entries[name] for name in self._sorted_keys)],
+        })
+
+    def restore(self, data: bytes) -> None:
+        document = orjson.loads(data)
+        self._entries = {key: Entry(key, bytes.fromhex(value), flags, created, modified)
+                         for key, value, flags, created, modified in document["entries"]}
+        self._sorted_keys = sorted(self._entries)
+        self.index = document["index"]
+
+    def state_hash(self) -> str:
+        """A digest of the whole state, equal on every node that applied the same log."""
+        digest = hashlib.sha256()
+        for name in self._sorted_keys:
+            entry = self._entries[name]
+            digest.update(orjson.dumps([name, entry.value.hex(), entry.flags, entry.create_index,
+                                        entry.modify_index]))
+        return digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self._entries)

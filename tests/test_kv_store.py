@@ -1,0 +1,96 @@
+"""The KV state machine on its own: Consul semantics, determinism, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spina_fast.errors import InvalidRequest
+from spina_fast.kv.store import MAX_VALUE_BYTES, KVStore, encode_delete, encode_put
+
+
+def apply_all(store: KVStore, commands: list[bytes], start: int = 1) -> list[bool]:
+    return [store.apply(index, command) for index, command in enumerate(commands, start)]
+
+
+def test_put_sets_create_and_modify_index() -> None:
+    store = KVStore()
+    apply_all(store, [encode_put("a", b"1", flags=7), encode_put("a", b"2")])
+    entry = store.get("a")
+    assert entry is not None
+    assert (entry.value, entry.flags, entry.create_index, entry.modify_index) == (b"2", 0, 1, 2)
+    assert entry.to_consul()["Value"] == "Mg==" and store.index == 2
+
+
+def test_cas_with_a_stale_index_changes_nothing() -> None:
+    store = KVStore()
+    assert apply_all(store, [encode_put("a", b"1"), encode_put("a", b"2", cas=1), encode_put("a", b"3", cas=1)]) == [
+        True, True, False]
+    entry = store.get("a")
+    assert entry is not None and entry.value == b"2" and entry.modify_index == 2 and store.index == 2
+
+
+def test_cas_zero_only_creates() -> None:
+    store = KVStore()
+    assert apply_all(store, [encode_put("a", b"1", cas=0), encode_put("a", b"2", cas=0)]) == [True, False]
+
+
+def test_delete_with_cas_needs_the_current_index() -> None:
+    store = KVStore()
+    results = apply_all(store, [encode_put("a", b"1"), encode_delete("a", cas=5), encode_delete("a", cas=1)])
+    assert results == [True, False, True] and store.get("a") is None
+
+
+def test_recurse_keys_and_separator() -> None:
+    store = KVStore()
+    apply_all(store, [encode_put(k, b"v") for k in ("app/a", "app/b/c", "app/b/d", "apple", "b")])
+    assert [e.key for e in store.list("app/")] == ["app/a", "app/b/c", "app/b/d"]
+    assert store.keys("app") == ["app/a", "app/b/c", "app/b/d", "apple"]
+    assert store.keys("app/", "/") == ["app/a", "app/b/"]
+    store.apply(10, encode_delete("app/", recurse=True))
+    assert store.keys("") == ["apple", "b"] and store.index == 10
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("", "missing key"), ("/a", "must not start"), ("a\x01", "control characters"), ("k" * 600, "limit is 512"),
+])
+def test_bad_keys_are_refused_before_they_reach_the_log(key: str, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        encode_put(key, b"v")
+
+
+def test_value_over_the_limit_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="limit is 524288"):
+        encode_put("a", b"x" * (MAX_VALUE_BYTES + 1))
+
+
+commands = st.lists(st.one_of(
+    st.builds(lambda k, v, c: encode_put(k, v, cas=c), st.sampled_from(["a", "a/b", "b", "c/d/e"]),
+              st.binary(max_size=8), st.none() | st.integers(0, 6)),
+    st.builds(lambda k, r: encode_delete(k, recurse=r), st.sampled_from(["a", "a/", "c", "b"]), st.booleans()),
+), max_size=30)
+
+
+@given(commands)
+def test_same_commands_give_same_hash_and_snapshots_restore_exactly(log: list[bytes]) -> None:
+    first, second = KVStore(), KVStore()
+    assert apply_all(first, log) == apply_all(second, log)
+    assert first.state_hash() == second.state_hash()
+    restored = KVStore()
+    restored.restore(first.snapshot())
+    assert restored.state_hash() == first.state_hash() and restored.index == first.index
+    assert restored.keys("") == first.keys("")
+
+
+async def test_watchers_wake_only_for_their_prefix() -> None:
+    store = KVStore()
+    config_watch = asyncio.ensure_future(store.wait_for_change("config/", 30))
+    other_watch = asyncio.ensure_future(store.wait_for_change("other/", 30))
+    await asyncio.sleep(0)
+    store.apply(1, encode_put("config/x", b"1"))
+    await asyncio.wait_for(config_watch, 5)
+    assert not other_watch.done()
+    other_watch.cancel()
