@@ -44,9 +44,11 @@ if ((${#missing[@]})); then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
     trap 'rm -f "$policy"' EXIT
   fi
-  apt-get update -qq >/tmp/spina-apt-update.log 2>&1 \
+  # Wait for a concurrent apt/dpkg run rather than failing on its lock.
+  apt_opts=(-o DPkg::Lock::Timeout=600)
+  apt-get "${apt_opts[@]}" update -qq >/tmp/spina-apt-update.log 2>&1 \
     || { tail -20 /tmp/spina-apt-update.log >&2; die "apt-get update failed"; }
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/spina-apt-install.log 2>&1 \
+  apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/tmp/spina-apt-install.log 2>&1 \
     || { tail -30 /tmp/spina-apt-install.log >&2; die "apt-get install ${missing[*]} failed"; }
 else
   log "apt packages already installed"
@@ -82,9 +84,9 @@ if [[ -f "$KAFKA_LIBS/.pom.sha256" && "$(cat "$KAFKA_LIBS/.pom.sha256")" == "$po
 else
   log "resolving kafka jars from Maven Central (scripts/kafka/pom.xml)"
   mkdir -p "$SERVICES_DIR/kafka"
-  tmp="$(mktemp -d "$SERVICES_DIR/kafka/libs.tmp.XXXXXX")"
+  tmp="$(mktemp -d "$SERVICES_DIR/kafka/libs.tmp.XXXXXX")" && chmod 755 "$tmp"
   mvn_log="$SERVICES_DIR/kafka/mvn.log"
-  if ! mvn -B -q -f "$KAFKA_POM" dependency:copy-dependencies \
+  if ! mvn -B -q -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies \
         -DoutputDirectory="$tmp" -DincludeScope=runtime >"$mvn_log" 2>&1; then
     rm -rf "$tmp"
     grep -E 'ERROR|Could not' "$mvn_log" | head -20 >&2 || tail -20 "$mvn_log" >&2
@@ -94,7 +96,11 @@ else
   echo "$pom_sum" >"$tmp/.pom.sha256"
   # Swap in atomically so a half-copied libs dir is never used.
   rm -rf "$KAFKA_LIBS" && mv "$tmp" "$KAFKA_LIBS"
-  log "kafka jars: $(ls "$KAFKA_LIBS"/kafka_2.13-*.jar | xargs -n1 basename)"
+  log "kafka jars: $(basename "$KAFKA_LIBS"/kafka_2.13-*.jar)"
+  if pgrep -f -- "-cp $KAFKA_LIBS/" >/dev/null; then
+    log "note: running Kafka brokers still use the old jars; restart them:" \
+      "scripts/services.sh stop kafka kafka3 && scripts/services.sh start kafka kafka3"
+  fi
 fi
 
 log "done in $(elapsed "$t0")s"
