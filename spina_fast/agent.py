@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -13,8 +14,10 @@ from aiohttp import web
 
 from spina_fast.api.http import build_app
 from spina_fast.config import AgentConfig, HostPort
-from spina_fast.errors import InvalidRequest
+from spina_fast.errors import InvalidRequest, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
+from spina_fast.raft.node import RaftNode
+from spina_fast.state import ReplicatedState
 
 log = logging.getLogger(__name__)
 
@@ -52,47 +55,74 @@ class DataDir:
             self._lock_file.close()
 
 
+_CONSUL_ROLES = {"leader": "Leader", "follower": "Follower", "candidate": "Candidate",
+                 "pre_candidate": "Candidate"}
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.metrics = AgentMetrics()
+        self.state = ReplicatedState()
         self._data_dir: DataDir | None = None
+        self._node: RaftNode | None = None
         self._runner: web.AppRunner | None = None
         self.bound_http_addr = config.http_addr
-        # DNS and Raft listeners arrive with their issues; until then the configured addresses are reported.
+        # DNS arrives with the discovery front ends; until then the configured address is reported.
         self.bound_dns_addr = config.dns_addr
         self.bound_raft_addr = config.raft_addr
+
+    @property
+    def node(self) -> RaftNode:
+        if self._node is None:
+            raise Unavailable("the agent is not running")
+        return self._node
 
     @property
     def node_uuid(self) -> str:
         return self._data_dir.node_uuid if self._data_dir else ""
 
     def raft_state(self) -> str:
-        # A single voter is its own majority, so it leads; a node with peers has no leader until
-        # the Raft transport connects it to them.
-        return "Leader" if not self.config.peers else "Follower"
+        return _CONSUL_ROLES.get(self._node.role, "Follower") if self._node else "Shutdown"
 
     def leader_address(self) -> str:
-        return str(self.bound_raft_addr) if self.raft_state() == "Leader" else ""
+        return self._node.leader_address() if self._node else ""
 
     def voter_addresses(self) -> list[str]:
-        return [str(self.bound_raft_addr), *(str(peer) for peer in self.config.peers.values())]
+        if self._node is None:
+            return []
+        return [str(address) for address in self._node.addresses.values()]
 
     async def start(self) -> None:
-        self._data_dir = DataDir(self.config.data_dir, self.config.node_id)
+        config = self.config
+        self._data_dir = DataDir(config.data_dir, config.node_id)
         try:
+            self._node = RaftNode(config.node_id, config.raft_addr, config.peers, config.data_dir, self.state,
+                                  tick_seconds=config.tick_seconds, election_ticks=config.election_ticks,
+                                  heartbeat_ticks=config.heartbeat_ticks, fsync=config.fsync)
+            self.bound_raft_addr = await self._node.start()
             self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await self._runner.setup()
-            http = self.config.http_addr
-            site = web.TCPSite(self._runner, http.host, http.port, backlog=1024, reuse_address=True)
+            site = web.TCPSite(self._runner, config.http_addr.host, config.http_addr.port, backlog=1024,
+                               reuse_address=True)
             await site.start()
+            if not config.peers:
+                # A single voter elects itself within one election timeout; wait so "ready" means writable.
+                await self._wait_for_leader(timeout=10.0)
         except BaseException:
             await self.stop()
             raise
         host, port = self._runner.addresses[0][:2]
         self.bound_http_addr = HostPort(host, port)
-        log.info("agent started", extra={"node_id": self.config.node_id, "http": str(self.bound_http_addr),
-                                         "data_dir": str(self.config.data_dir)})
+        log.info("agent started", extra={"node_id": config.node_id, "http": str(self.bound_http_addr),
+                                         "raft": str(self.bound_raft_addr), "data_dir": str(config.data_dir)})
+
+    async def _wait_for_leader(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.node.leader_id:
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"no leader elected within {timeout:g}s")
+            await asyncio.sleep(0.01)
 
     def ready_line(self) -> str:
         return (f"spina agent ready http={self.bound_http_addr} dns={self.bound_dns_addr} "
@@ -102,6 +132,9 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._node is not None:
+            await self._node.stop()
+            self._node = None
         if self._data_dir is not None:
             self._data_dir.close()
             self._data_dir = None

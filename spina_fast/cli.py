@@ -89,7 +89,70 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text (default) or one JSON object per line")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
                        help="default: info (debug with --dev)")
+
+    kv = commands.add_parser("kv", help="read and write the replicated key/value store",
+                             description="Read and write the KV store of a running agent (Consul KV API).")
+    kv.add_argument("--http-addr", default=DEFAULT_HTTP_ADDR, metavar="HOST:PORT", help="the agent to talk to")
+    kv_commands = kv.add_subparsers(dest="kv_command", metavar="ACTION", parser_class=_Parser)
+    kv_commands.required = True
+    get = kv_commands.add_parser("get", help="print a key's value")
+    get.add_argument("key")
+    get.add_argument("--consistent", action="store_true", help="linearizable read (asks the leader)")
+    put = kv_commands.add_parser("put", help="set a key ('-' as VALUE reads standard input)")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--flags", type=int, default=None, help="opaque unsigned 64-bit flags")
+    put.add_argument("--cas", type=int, default=None,
+                     help="only if the key's ModifyIndex is this (0: only if the key does not exist)")
+    delete = kv_commands.add_parser("del", help="delete a key (or a prefix with --recurse)")
+    delete.add_argument("key")
+    delete.add_argument("--recurse", action="store_true")
+    delete.add_argument("--cas", type=int, default=None)
+    ls = kv_commands.add_parser("ls", help="list keys under a prefix")
+    ls.add_argument("prefix", nargs="?", default="")
+    ls.add_argument("--separator", default="", help="group keys below this separator (e.g. /)")
     return parser
+
+
+def _run_kv(args: argparse.Namespace) -> int:
+    from spina_fast.client.http import AgentClient
+
+    client = AgentClient(args.http_addr)
+    path = f"/v1/kv/{getattr(args, 'key', getattr(args, 'prefix', ''))}"
+    if args.kv_command == "get":
+        response = client.request("GET", path, query={"raw": "", **({"consistent": ""} if args.consistent else {})},
+                                  allow_404=True)
+        if response.status == 404:
+            print(f"spina kv get: key {args.key!r} not found", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.write(response.body)
+        if response.body and not response.body.endswith(b"\n") and sys.stdout.isatty():
+            sys.stdout.write("\n")
+        return 0
+    if args.kv_command == "put":
+        value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
+        query = {name: str(getattr(args, name)) for name in ("flags", "cas") if getattr(args, name) is not None}
+        ok = client.request("PUT", path, query=query, body=value).json()
+        if not ok:
+            print(f"spina kv put: check-and-set failed: {args.key!r} has changed", file=sys.stderr)
+            return 1
+        return 0
+    if args.kv_command == "del":
+        query = {"recurse": ""} if args.recurse else {}
+        if args.cas is not None:
+            query["cas"] = str(args.cas)
+        ok = client.request("DELETE", path, query=query).json()
+        if not ok:
+            print(f"spina kv del: check-and-set failed: {args.key!r} has changed", file=sys.stderr)
+            return 1
+        return 0
+    query = {"keys": "", **({"separator": args.separator} if args.separator else {})}
+    response = client.request("GET", path, query=query, allow_404=True)
+    names = response.json() if response.status == 200 else []
+    assert isinstance(names, list)
+    for name in names:
+        print(name)
+    return 0
 
 
 def _agent_config(args: argparse.Namespace) -> tuple[AgentConfig, Path | None]:
@@ -149,4 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+    if args.command == "kv":
+        try:
+            return _run_kv(args)
+        except SpinaError as exc:
+            print(f"spina kv: error: {exc.message}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command!r}")

@@ -77,10 +77,20 @@ class AgentConfig:
     peers: dict[str, HostPort] = field(default_factory=dict)
     datacenter: str = "dc1"
     dev: bool = False
+    # Raft timing: failover takes about election_ticks..2*election_ticks ticks (0.5-1 s by default).
+    tick_seconds: float = 0.05
+    election_ticks: int = 10
+    heartbeat_ticks: int = 2
+    fsync: bool = True
 
     def __post_init__(self) -> None:
         validate_node_id(self.node_id)
         if self.node_id in self.peers:
             raise ValueError(f"--peers lists this node's own id {self.node_id!r}")
+        if not 0.001 <= self.tick_seconds <= 10:
+            raise ValueError(f"raft tick {self.tick_seconds}s is outside 0.001..10 s")
+        if not 1 <= self.heartbeat_ticks < self.election_ticks:
+            raise ValueError("raft heartbeat ticks must be at least 1 and fewer than the election ticks")
         if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", self.datacenter):
             raise ValueError(f"datacenter {self.datacenter!r} must be lower-case letters, digits, '_' or '-'")
+

@@ -42,7 +42,9 @@ class AgentProcess:
 
 def start_agent(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> AgentProcess:
     """Start `python -m spina_fast agent ARGS` and wait for its ready line (or its early exit)."""
-    command = [sys.executable, "-m", "spina_fast", "agent", "--http-addr", "127.0.0.1:0", *args]
+    # Every listener on a free port unless ARGS say otherwise (argparse: the last flag wins).
+    command = [sys.executable, "-m", "spina_fast", "agent", "--http-addr", "127.0.0.1:0", "--raft-addr",
+               "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -72,3 +74,63 @@ def start_agent(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> A
     raise RuntimeError(
         f"agent exited with {process.returncode} before it was ready:\n{''.join(stderr_lines)[-4000:]}"
     )
+
+
+def free_ports(count: int, rng_seed: int | None = None) -> list[int]:
+    """Ports that are free now, outside Linux's ephemeral range (32768-60999) so that outgoing
+    connections cannot take them between this check and the agent binding them."""
+    import random
+    import socket
+
+    rng = random.Random(rng_seed)
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 32000)
+        if port in ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+@dataclass
+class Cluster:
+    """Real agent processes forming one Raft cluster on loopback."""
+
+    ids: list[str]
+    raft_ports: dict[str, int]
+    data_dirs: dict[str, Path]
+    extra_args: tuple[str, ...] = ()
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    def args_for(self, node_id: str) -> list[str]:
+        peers = ",".join(f"{other}=127.0.0.1:{self.raft_ports[other]}" for other in self.ids if other != node_id)
+        return ["--node-id", node_id, "--data-dir", str(self.data_dirs[node_id]),
+                "--raft-addr", f"127.0.0.1:{self.raft_ports[node_id]}", "--dns-addr", "127.0.0.1:0",
+                "--peers", peers, *self.extra_args]
+
+    def start(self, node_id: str) -> AgentProcess:
+        self.agents[node_id] = start_agent(*self.args_for(node_id))
+        return self.agents[node_id]
+
+    def start_all(self) -> None:
+        for node_id in self.ids:
+            self.start(node_id)
+
+    def stop_all(self) -> None:
+        for agent in self.agents.values():
+            agent.kill()
+
+    def running(self) -> dict[str, AgentProcess]:
+        return {node_id: agent for node_id, agent in self.agents.items() if agent.process.poll() is None}
+
+
+def make_cluster(size: int, base_dir: Path, *extra_args: str) -> Cluster:
+    ids = [f"n{i + 1}" for i in range(size)]
+    ports = free_ports(size)
+    return Cluster(ids, dict(zip(ids, ports, strict=True)), {node_id: base_dir / node_id for node_id in ids},
+                   tuple(extra_args))

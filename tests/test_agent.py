@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agents import AgentProcess, start_agent
+from tests.agents import AgentProcess, free_ports, start_agent
 
 
 def get(agent: AgentProcess, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -137,13 +137,14 @@ def test_data_dir_keeps_identity_across_restarts_and_refuses_a_second_agent(tmp_
 
 
 def test_agent_with_peers_reports_no_leader_until_a_cluster_forms(tmp_path: Path) -> None:
-    agent = start_agent("--node-id", "n1", "--data-dir", str(tmp_path), "--raft-addr", "127.0.0.1:18701",
-                        "--peers", "n2=127.0.0.1:18702,n3=127.0.0.1:18703")
+    own, second, third = free_ports(3)
+    agent = start_agent("--node-id", "n1", "--data-dir", str(tmp_path), "--raft-addr", f"127.0.0.1:{own}",
+                        "--peers", f"n2=127.0.0.1:{second},n3=127.0.0.1:{third}")
     try:
         assert agent.leader == ""
         assert json.loads(get(agent, "/v1/status/leader")[2]) == ""
         assert json.loads(get(agent, "/v1/status/peers")[2]) == [
-            "127.0.0.1:18701", "127.0.0.1:18702", "127.0.0.1:18703"]
+            f"127.0.0.1:{own}", f"127.0.0.1:{second}", f"127.0.0.1:{third}"]
     finally:
         agent.terminate()
 

@@ -47,7 +47,7 @@ def test_delete_with_cas_needs_the_current_index() -> None:
 def test_recurse_keys_and_separator() -> None:
     store = KVStore()
     apply_all(store, [encode_put(k, b"v") for k in ("app/a", "app/b/c", "app/b/d", "apple", "b")])
-    assert [e.key for e in store.list("app/")] == ["app/a", "app/b/c", "app/b/d"]
+    assert [e.key for e in store.scan("app/")] == ["app/a", "app/b/c", "app/b/d"]
     assert store.keys("app") == ["app/a", "app/b/c", "app/b/d", "apple"]
     assert store.keys("app/", "/") == ["app/a", "app/b/"]
     store.apply(10, encode_delete("app/", recurse=True))

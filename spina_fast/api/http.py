@@ -10,11 +10,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import orjson
 from aiohttp import web
 
 from spina_fast import __version__
-from spina_fast.errors import SpinaError
+from spina_fast.api import kv
+from spina_fast.api.responses import AGENT_KEY, error_response, json_response
+from spina_fast.errors import NotLeader, SpinaError
 
 if TYPE_CHECKING:
     from spina_fast.agent import Agent
@@ -22,21 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 
 _HTTP_ERROR_CODES = {
     400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
     414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large",
 }
-
-
-def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json",
-                        headers=headers)
-
-
-def error_response(status: int, message: str, code: str) -> web.Response:
-    return json_response({"error": message, "code": code}, status=status)
 
 
 @web.middleware
@@ -48,6 +39,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await handler(request)
     except SpinaError as exc:
         response = error_response(exc.http_status, exc.message, exc.code)
+        if isinstance(exc, NotLeader) and exc.leader:
+            response.headers["X-Spina-Leader"] = exc.leader
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -109,4 +102,5 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/status/peers", _status_peers)
     app.router.add_get("/v1/agent/self", _agent_self)
     app.router.add_get("/metrics", _metrics)
+    kv.add_routes(app)
     return app

@@ -152,7 +152,7 @@ class KVStore:
                 return
             yield name
 
-    def list(self, prefix: str) -> list[Entry]:
+    def scan(self, prefix: str) -> list[Entry]:
         return [self._entries[name] for name in self._prefix_keys(prefix)]
 
     def keys(self, prefix: str, separator: str = "") -> list[str]:
