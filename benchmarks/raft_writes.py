@@ -76,26 +76,37 @@ async def _spina_cluster(base: Path) -> list[RaftNode]:
 
 async def _spina_drive(leader: RaftNode, writes: int, concurrency: int, size: int, prefix: str,
                        rate: float | None = None) -> tuple[list[float], float]:
+    """Closed loop (``concurrency`` writers back to back) or, with ``rate``, open loop: write i starts at
+    started + i / rate whether or not earlier ones finished."""
     latencies: list[float] = []
-    next_index = 0
+
+    async def write(index: int) -> None:
+        begin = time.perf_counter()
+        await leader.propose(MODULE_KV + encode_put(f"{prefix}/{index}", value_for(index, size)))
+        latencies.append(time.perf_counter() - begin)
+
     started = time.perf_counter()
+    if rate:
+        in_flight: set[asyncio.Task[None]] = set()
+        for index in range(writes):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(write(index))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        await asyncio.gather(*in_flight)
+        return latencies, time.perf_counter() - started
+
+    next_index = 0
 
     async def writer() -> None:
         nonlocal next_index
         while next_index < writes:
-            index = next_index
             next_index += 1
-            if rate:
-                # Open loop: write i is due at started + i / rate, whether or not earlier ones finished.
-                delay = started + index / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            begin = time.perf_counter()
-            await leader.propose(MODULE_KV + encode_put(f"{prefix}/{index}", value_for(index, size)))
-            latencies.append(time.perf_counter() - begin)
+            await write(next_index - 1)
 
-    workers = concurrency if not rate else max(concurrency, 256)
-    await asyncio.gather(*(writer() for _ in range(workers)))
+    await asyncio.gather(*(writer() for _ in range(concurrency)))
     return latencies, time.perf_counter() - started
 
 

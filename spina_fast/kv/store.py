@@ -84,7 +84,9 @@ class KVStore:
     """The state: entries by key, keys kept sorted for prefix scans, and watch notification."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, Entry] = {}
+        # key -> (value, flags, create_index, modify_index): plain tuples of atoms, which the garbage
+        # collector stops tracking, so a store of a million keys adds nothing to GC pauses.
+        self._entries: dict[str, tuple[bytes, int, int, int]] = {}
         self._sorted_keys: list[str] = []
         # Raft index of the last change to the KV (never 0 once anything applied; never goes backwards).
         self.index = 0
@@ -98,18 +100,18 @@ class KVStore:
         key = command[_HEADER.size:_HEADER.size + key_length].decode()
         existing = self._entries.get(key)
         if op == OP_PUT:
-            if has_cas and (existing.modify_index if existing else 0) != cas:
+            if has_cas and (existing[3] if existing else 0) != cas:
                 return False
             value = command[_HEADER.size + key_length:]
             if existing is None:
-                self._entries[key] = Entry(key, value, flags, index, index)
+                self._entries[key] = (value, flags, index, index)
                 bisect.insort(self._sorted_keys, key)
             else:
-                existing.value, existing.flags, existing.modify_index = value, flags, index
+                self._entries[key] = (value, flags, existing[2], index)
             self._touch(index, key)
             return True
         if op == OP_DELETE:
-            if has_cas and (existing is None or existing.modify_index != cas):
+            if has_cas and (existing is None or existing[3] != cas):
                 return False
             if existing is not None:
                 del self._entries[key]
@@ -143,7 +145,8 @@ class KVStore:
     # --- reads -----------------------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
-        return self._entries.get(key)
+        found = self._entries.get(key)
+        return Entry(key, *found) if found else None
 
     def _prefix_keys(self, prefix: str) -> Iterator[str]:
         start = bisect.bisect_left(self._sorted_keys, prefix)
@@ -153,7 +156,7 @@ class KVStore:
             yield name
 
     def scan(self, prefix: str) -> list[Entry]:
-        return [self._entries[name] for name in self._prefix_keys(prefix)]
+        return [Entry(name, *self._entries[name]) for name in self._prefix_keys(prefix)]
 
     def keys(self, prefix: str, separator: str = "") -> list[str]:
         names: list[str] = []
@@ -185,13 +188,14 @@ class KVStore:
     def snapshot(self) -> bytes:
         return orjson.dumps({
             "index": self.index,
-            "entries": [[e.key, e.value.hex(), e.flags, e.create_index, e.modify_index]
-                        for e in (self._entries[name] for name in self._sorted_keys)],
+            "entries": [[name, value.hex(), flags, created, modified]
+                        for name, (value, flags, created, modified) in
+                        ((name, self._entries[name]) for name in self._sorted_keys)],
         })
 
     def restore(self, data: bytes) -> None:
         document = orjson.loads(data)
-        self._entries = {key: Entry(key, bytes.fromhex(value), flags, created, modified)
+        self._entries = {key: (bytes.fromhex(value), flags, created, modified)
                          for key, value, flags, created, modified in document["entries"]}
         self._sorted_keys = sorted(self._entries)
         self.index = document["index"]
@@ -200,9 +204,8 @@ class KVStore:
         """A digest of the whole state, equal on every node that applied the same log."""
         digest = hashlib.sha256()
         for name in self._sorted_keys:
-            entry = self._entries[name]
-            digest.update(orjson.dumps([name, entry.value.hex(), entry.flags, entry.create_index,
-                                        entry.modify_index]))
+            value, flags, created, modified = self._entries[name]
+            digest.update(orjson.dumps([name, value.hex(), flags, created, modified]))
         return digest.hexdigest()
 
     def __len__(self) -> int:

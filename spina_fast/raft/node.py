@@ -172,7 +172,10 @@ class RaftNode:
             self._send(ready.messages)
         if hard_state is not None or ready.entries:
             self.storage.write(hard_state, ready.entries)
-            await self.storage.sync()
+            # A commit index alone need not be durable (it is re-learned from the leader after a restart),
+            # so it rides along with the next fsync instead of costing one of its own.
+            if ready.entries or (hard_state is not None and (hard_state[0], hard_state[1]) != self._persisted_term_vote):
+                await self.storage.sync()
             if hard_state is not None:
                 self._persisted_term_vote = (hard_state[0], hard_state[1])
         if not send_first:
