@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import os
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from _common import free_ports, machine, median, percentile, print_table
 from spina_fast.config import HostPort
 from spina_fast.kv.store import encode_put
 from spina_fast.raft.node import RaftNode
+from spina_fast.runtime import tune_gc
 from spina_fast.state import MODULE_KV, ReplicatedState
 
 
@@ -126,6 +128,16 @@ async def bench_spina_inprocess(args: argparse.Namespace) -> dict[str, Any]:
 
     base = Path(tempfile.mkdtemp(prefix="bench-spina-"))
     nodes = await _spina_cluster(base)
+    tune_gc()  # as `spina agent` does once it serves
+    gc_pauses: list[float] = []
+
+    def time_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            time_gc.started = time.perf_counter()  # type: ignore[attr-defined]
+        elif info["generation"] == 2:
+            gc_pauses.append(time.perf_counter() - time_gc.started)  # type: ignore[attr-defined]
+
+    gc.callbacks.append(time_gc)
     try:
         leader = next(node for node in nodes if node.is_leader)
         await _spina_drive(leader, min(2000, args.writes), args.concurrency, args.payload, "warmup")
@@ -143,8 +155,10 @@ async def bench_spina_inprocess(args: argparse.Namespace) -> dict[str, Any]:
             await _spina_verify(nodes, writes, args.payload, f"h{run}")
             half.append(summarize(latencies, elapsed))
         fsyncs = sum(node.storage.fsync_count for node in nodes)
-        return {"runs": runs, "half_load_runs": half, "fsync": True, "fsyncs": fsyncs}
+        return {"runs": runs, "half_load_runs": half, "fsync": True, "fsyncs": fsyncs,
+                "gc_full_pauses_ms": sorted(round(p * 1000, 1) for p in gc_pauses)}
     finally:
+        gc.callbacks.remove(time_gc)
         for node in nodes:
             await node.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -393,7 +407,7 @@ def main() -> int:
     spina = uvloop.run(bench_spina_inprocess(args))
     pysyncobj = bench_pysyncobj(args)
     report["inprocess"] = {"spina": {**_medians(spina), "half_load": _medians(spina, "half_load_runs"),
-                                     "fsyncs": spina["fsyncs"]},
+                                     "fsyncs": spina["fsyncs"], "gc_full_pauses_ms": spina["gc_full_pauses_ms"]},
                            "pysyncobj": _medians(pysyncobj)}
     report["inprocess"]["ratio"] = (report["inprocess"]["spina"]["writes_per_s"]
                                     / report["inprocess"]["pysyncobj"]["writes_per_s"])
@@ -415,7 +429,8 @@ def main() -> int:
          ip["pysyncobj"]["p99_ms"], "no"],
     ])
     print(f"ratio spina / pysyncobj: {ip['ratio']:.2f}x   spina at half load: p50 "
-          f"{ip['spina']['half_load']['p50_ms']:.2f} ms, p99 {ip['spina']['half_load']['p99_ms']:.2f} ms")
+          f"{ip['spina']['half_load']['p50_ms']:.2f} ms, p99 {ip['spina']['half_load']['p99_ms']:.2f} ms; "
+          f"full GC pauses (ms): {ip['spina']['gc_full_pauses_ms']}")
     if "http" in report:
         http = report["http"]
         print_table("HTTP, 3 server processes, same aiohttp client", ["system", "writes/s", "p50 ms", "p99 ms"], [

@@ -27,6 +27,7 @@ from spina_fast.config import (
 )
 from spina_fast.errors import SpinaError
 from spina_fast.log import configure_logging
+from spina_fast.runtime import tune_gc
 
 log = logging.getLogger("spina_fast")
 
@@ -181,6 +182,7 @@ async def _run_agent(config: AgentConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
     agent = Agent(config)
     await agent.start()
+    tune_gc()
     print(agent.ready_line(), flush=True)
     try:
         await stop.wait()

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import hashlib
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import orjson
+from sortedcontainers import SortedList
 
 from spina_fast.errors import InvalidRequest
 
 MAX_VALUE_BYTES = 512 * 1024
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_KEY_BYTES = 512
 
 OP_PUT = 1
@@ -55,7 +57,7 @@ def validate_key(key: str) -> str:
     encoded = key.encode()
     if len(encoded) > MAX_KEY_BYTES:
         raise InvalidRequest(f"key is {len(encoded)} bytes; the limit is {MAX_KEY_BYTES}", field="key")
-    if any(ord(ch) < 0x20 for ch in key):
+    if _CONTROL_CHARACTERS.search(key):
         raise InvalidRequest("key contains control characters", field="key")
     return key
 
@@ -87,7 +89,8 @@ class KVStore:
         # key -> (value, flags, create_index, modify_index): plain tuples of atoms, which the garbage
         # collector stops tracking, so a store of a million keys adds nothing to GC pauses.
         self._entries: dict[str, tuple[bytes, int, int, int]] = {}
-        self._sorted_keys: list[str] = []
+        # O(log n) inserts and deletes; a plain sorted list costs a memmove of the whole tail per insert.
+        self._sorted_keys: SortedList = SortedList()
         # Raft index of the last change to the KV (never 0 once anything applied; never goes backwards).
         self.index = 0
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
@@ -105,7 +108,7 @@ class KVStore:
             value = command[_HEADER.size + key_length:]
             if existing is None:
                 self._entries[key] = (value, flags, index, index)
-                bisect.insort(self._sorted_keys, key)
+                self._sorted_keys.add(key)
             else:
                 self._entries[key] = (value, flags, existing[2], index)
             self._touch(index, key)
@@ -115,7 +118,7 @@ class KVStore:
                 return False
             if existing is not None:
                 del self._entries[key]
-                del self._sorted_keys[bisect.bisect_left(self._sorted_keys, key)]
+                self._sorted_keys.remove(key)
                 self._touch(index, key)
             return True
         if op == OP_DELETE_TREE:
@@ -123,7 +126,7 @@ class KVStore:
             for name in keys:
                 del self._entries[name]
             if keys:
-                start = bisect.bisect_left(self._sorted_keys, key)
+                start = self._sorted_keys.bisect_left(key)
                 del self._sorted_keys[start:start + len(keys)]
                 self._touch(index, key)
             return True
@@ -149,8 +152,7 @@ class KVStore:
         return Entry(key, *found) if found else None
 
     def _prefix_keys(self, prefix: str) -> Iterator[str]:
-        start = bisect.bisect_left(self._sorted_keys, prefix)
-        for name in self._sorted_keys[start:]:
+        for name in self._sorted_keys.irange(minimum=prefix):
             if not name.startswith(prefix):
                 return
             yield name
@@ -197,7 +199,7 @@ class KVStore:
         document = orjson.loads(data)
         self._entries = {key: (bytes.fromhex(value), flags, created, modified)
                          for key, value, flags, created, modified in document["entries"]}
-        self._sorted_keys = sorted(self._entries)
+        self._sorted_keys = SortedList(self._entries)
         self.index = document["index"]
 
     def state_hash(self) -> str:
