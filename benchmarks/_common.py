@@ -48,7 +48,7 @@ def free_ports(count: int, seed: int = 0) -> list[int]:
 
 
 def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:
-    cells = [[f"{c:,.1f}" if isinstance(c, float) else f"{c:,}" if isinstance(c, int) else str(c) for c in row]
+    cells = [[f"{c:,.2f}" if isinstance(c, float) else f"{c:,}" if isinstance(c, int) else str(c) for c in row]
              for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
     print(f"\n{title}")

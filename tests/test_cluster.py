@@ -226,3 +226,25 @@ def test_concurrent_clients_see_a_linearizable_history(cluster: Cluster) -> None
     assert len(history) > 150, f"seed {seed}: only {len(history)} operations completed"
     result = check_history(history, initial="init")
     assert result.ok, f"seed {seed}: history not linearizable on key {result.key} (timed out: {result.timed_out})"
+
+
+def test_five_node_cluster_keeps_serving_with_two_nodes_down(tmp_path: Path) -> None:
+    cluster = make_cluster(5, tmp_path)
+    cluster.start_all()
+    try:
+        leader = wait_until(lambda: leader_of(cluster), 30, "a leader of five")
+        for node_id, agent in cluster.agents.items():
+            put(agent, f"five/{node_id}", node_id.encode())
+        victims = [leader, next(node_id for node_id in cluster.ids if node_id != leader)]
+        for victim in victims:
+            cluster.agents[victim].process.send_signal(signal.SIGKILL)
+            cluster.agents[victim].process.wait(10)
+        wait_until(lambda: leader_of(cluster), 30, "a leader among the three survivors")
+        survivors = [agent for node_id, agent in cluster.agents.items() if node_id not in victims]
+        put(survivors[0], "five/after", b"ok")
+        for agent in survivors:
+            assert consistent_get(agent, "five/after") == b"ok"
+            for node_id in cluster.ids:
+                assert consistent_get(agent, f"five/{node_id}") == node_id.encode()
+    finally:
+        cluster.stop_all()
