@@ -146,6 +146,12 @@ async def bench_spina_inprocess(args: argparse.Namespace) -> dict[str, Any]:
             latencies, elapsed = await _spina_drive(leader, args.writes, args.concurrency, args.payload, f"r{run}")
             await _spina_verify(nodes, args.writes, args.payload, f"r{run}")
             runs.append(summarize(latencies, elapsed))
+        deep = []
+        for run in range(args.runs):
+            latencies, elapsed = await _spina_drive(leader, args.writes, args.deep_concurrency, args.payload,
+                                                    f"d{run}")
+            await _spina_verify(nodes, args.writes, args.payload, f"d{run}")
+            deep.append(summarize(latencies, elapsed))
         peak = median([r["writes_per_s"] for r in runs])
         half = []
         for run in range(args.runs):
@@ -155,7 +161,7 @@ async def bench_spina_inprocess(args: argparse.Namespace) -> dict[str, Any]:
             await _spina_verify(nodes, writes, args.payload, f"h{run}")
             half.append(summarize(latencies, elapsed))
         fsyncs = sum(node.storage.fsync_count for node in nodes)
-        return {"runs": runs, "half_load_runs": half, "fsync": True, "fsyncs": fsyncs,
+        return {"runs": runs, "deep_runs": deep, "half_load_runs": half, "fsync": True, "fsyncs": fsyncs,
                 "gc_full_pauses_ms": sorted(round(p * 1000, 1) for p in gc_pauses)}
     finally:
         gc.callbacks.remove(time_gc)
@@ -184,8 +190,8 @@ def bench_pysyncobj(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.01)
         leader_dict = dicts[next(i for i, node in enumerate(nodes) if node._isLeader())]
 
-        def drive(writes: int, prefix: str) -> tuple[list[float], float]:
-            window = threading.Semaphore(args.concurrency)
+        def drive(writes: int, prefix: str, concurrency: int) -> tuple[list[float], float]:
+            window = threading.Semaphore(concurrency)
             done = threading.Event()
             latencies: list[float] = []
             failures: list[object] = []
@@ -213,21 +219,24 @@ def bench_pysyncobj(args: argparse.Namespace) -> dict[str, Any]:
                 raise WrongAnswer(f"pysyncobj: {len(failures)} writes failed, e.g. {failures[0]}")
             return latencies, time.perf_counter() - started
 
-        drive(min(2000, args.writes), "warmup")
-        runs = []
-        for run in range(args.runs):
-            latencies, elapsed = drive(args.writes, f"r{run}")
+        drive(min(2000, args.writes), "warmup", args.concurrency)
+        results: dict[str, list[dict[str, float]]] = {"runs": [], "deep_runs": []}
+        for key, concurrency, run in [(k, c, r) for k, c in (("runs", args.concurrency),
+                                                            ("deep_runs", args.deep_concurrency))
+                                      for r in range(args.runs)]:
+            prefix = f"{key[0]}{run}"
+            latencies, elapsed = drive(args.writes, prefix, concurrency)
             deadline = time.monotonic() + 30
             for replica in dicts:
-                while replica.get(f"r{run}/{args.writes - 1}") != value_for(args.writes - 1, args.payload):
+                while replica.get(f"{prefix}/{args.writes - 1}") != value_for(args.writes - 1, args.payload):
                     if time.monotonic() > deadline:
                         raise WrongAnswer("pysyncobj: a replica never received the last write")
                     time.sleep(0.01)
                 for index in range(0, args.writes, max(1, args.writes // 500)):
-                    if replica.get(f"r{run}/{index}") != value_for(index, args.payload):
-                        raise WrongAnswer(f"pysyncobj: replica lacks r{run}/{index}")
-            runs.append(summarize(latencies, elapsed))
-        return {"runs": runs, "fsync": False}
+                    if replica.get(f"{prefix}/{index}") != value_for(index, args.payload):
+                        raise WrongAnswer(f"pysyncobj: replica lacks {prefix}/{index}")
+            results[key].append(summarize(latencies, elapsed))
+        return {**results, "fsync": False}
     finally:
         for node in nodes:
             node.destroy()
@@ -396,6 +405,8 @@ def main() -> int:
     parser.add_argument("--writes", type=int, default=20000, help="writes per timed run (default 20000)")
     parser.add_argument("--http-writes", type=int, default=10000, help="writes per HTTP run (default 10000)")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--deep-concurrency", type=int, default=4096,
+                        help="a second in-process comparison with this many writes in flight (default 4096)")
     parser.add_argument("--payload", type=int, default=200, help="value size in bytes")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-http", action="store_true", help="only the in-process comparison")
@@ -411,6 +422,10 @@ def main() -> int:
                            "pysyncobj": _medians(pysyncobj)}
     report["inprocess"]["ratio"] = (report["inprocess"]["spina"]["writes_per_s"]
                                     / report["inprocess"]["pysyncobj"]["writes_per_s"])
+    report["inprocess_deep"] = {"concurrency": args.deep_concurrency, "spina": _medians(spina, "deep_runs"),
+                                "pysyncobj": _medians(pysyncobj, "deep_runs")}
+    report["inprocess_deep"]["ratio"] = (report["inprocess_deep"]["spina"]["writes_per_s"]
+                                         / report["inprocess_deep"]["pysyncobj"]["writes_per_s"])
     if not args.skip_http:
         http_args = argparse.Namespace(**{**vars(args), "writes": args.http_writes})
         spina_http = bench_spina_http(http_args)
@@ -428,7 +443,15 @@ def main() -> int:
         ["pysyncobj ReplDict", ip["pysyncobj"]["writes_per_s"], ip["pysyncobj"]["p50_ms"],
          ip["pysyncobj"]["p99_ms"], "no"],
     ])
-    print(f"ratio spina / pysyncobj: {ip['ratio']:.2f}x   spina at half load: p50 "
+    deep = report["inprocess_deep"]
+    print_table(f"In-process, {args.deep_concurrency} writes in flight", ["system", "writes/s", "p50 ms", "p99 ms"], [
+        ["spina raft", deep["spina"]["writes_per_s"], deep["spina"]["p50_ms"], deep["spina"]["p99_ms"]],
+        ["pysyncobj ReplDict", deep["pysyncobj"]["writes_per_s"], deep["pysyncobj"]["p50_ms"],
+         deep["pysyncobj"]["p99_ms"]],
+    ])
+    print(f"ratio spina / pysyncobj: {ip['ratio']:.2f}x at {args.concurrency} in flight, {deep['ratio']:.2f}x at "
+          f"{args.deep_concurrency}")
+    print(f"spina at half its peak (open loop): p50 "
           f"{ip['spina']['half_load']['p50_ms']:.2f} ms, p99 {ip['spina']['half_load']['p99_ms']:.2f} ms; "
           f"full GC pauses (ms): {ip['spina']['gc_full_pauses_ms']}")
     if "http" in report:
