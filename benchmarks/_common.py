@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-import random
-import socket
 import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from spina_fast.testing import free_ports
+
+__all__ = ["free_ports", "machine", "median", "percentile", "print_table", "spawn_spina_cluster", "stop_processes"]
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -30,21 +35,29 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
 
-def free_ports(count: int, seed: int = 0) -> list[int]:
-    """Free loopback ports below Linux's ephemeral range, so outgoing connections cannot take them."""
-    rng = random.Random(seed or None)
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(20000, 32000)
-        if port in ports:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
+def spawn_spina_cluster(base: Path, seed: int, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int],
+                                                                 list[int]]:
+    """Start ``size`` `spina agent` processes forming one cluster; returns (processes, raft ports, http ports)."""
+    raft_ports = free_ports(size, seed=seed)
+    http_ports = free_ports(size, seed=seed + 1000)
+    ids = [f"n{i + 1}" for i in range(size)]
+    processes = []
+    for i, node_id in enumerate(ids):
+        peers = ",".join(f"{other}=127.0.0.1:{raft_ports[j]}" for j, other in enumerate(ids) if j != i)
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "spina_fast", "agent", "--node-id", node_id, "--data-dir", str(base / node_id),
+             "--http-addr", f"127.0.0.1:{http_ports[i]}", "--raft-addr", f"127.0.0.1:{raft_ports[i]}",
+             "--dns-addr", "127.0.0.1:0", "--peers", peers, "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return processes, raft_ports, http_ports
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        process.wait(10)
 
 
 def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_ports, machine, median, print_table
+from _common import machine, median, print_table, spawn_spina_cluster, stop_processes
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 0.5) -> tuple[int, bytes]:
@@ -49,19 +48,8 @@ def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-d
 
 
 def trial(base: Path, seed: int) -> float:
-    raft_ports = free_ports(3, seed=seed)
-    http_ports = free_ports(3, seed=seed + 1000)
-    ids = ["n1", "n2", "n3"]
-    processes = []
+    processes, raft_ports, http_ports = spawn_spina_cluster(base, seed)
     try:
-        for i, node_id in enumerate(ids):
-            peers = ",".join(f"{other}=127.0.0.1:{raft_ports[j]}" for j, other in enumerate(ids) if j != i)
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "spina_fast", "agent", "--node-id", node_id, "--data-dir", str(base / node_id),
-                 "--http-addr", f"127.0.0.1:{http_ports[i]}", "--raft-addr", f"127.0.0.1:{raft_ports[i]}",
-                 "--dns-addr", "127.0.0.1:0", "--peers", peers, "--log-level", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
         def leader_index() -> int | None:
             status, body = request(http_ports[0], "GET", "/v1/status/leader")
             if status != 200 or not orjson.loads(body):
@@ -83,11 +71,7 @@ def trial(base: Path, seed: int) -> float:
             raise AssertionError(f"the write acknowledged after failover is not readable: {status} {body!r}")
         return elapsed
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop_processes(processes)
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_ports, machine, median, percentile, print_table
+from _common import free_ports, machine, median, percentile, print_table, spawn_spina_cluster, stop_processes
 
 from spina_fast.config import HostPort
 from spina_fast.kv.store import encode_put
@@ -284,20 +284,24 @@ def _wait_http(url: str, method: str = "GET", body: bytes | None = None, timeout
             time.sleep(0.05)
 
 
+def _timed_http_runs(args: argparse.Namespace, url_for: Any, body_for: Any, method: str,
+                     check: Any) -> list[dict[str, float]]:
+    """A warm-up, then ``args.runs`` timed runs, each checked by reading a sample of its keys back."""
+    asyncio.run(_http_drive(url_for, body_for, method, min(2000, args.writes), args.concurrency, "warmup"))
+    runs = []
+    for run in range(args.runs):
+        latencies, elapsed = asyncio.run(_http_drive(url_for, body_for, method, args.writes, args.concurrency,
+                                                     f"r{run}"))
+        for index in range(0, args.writes, max(1, args.writes // 200)):
+            check(f"r{run}", index)
+        runs.append(summarize(latencies, elapsed))
+    return runs
+
+
 def bench_spina_http(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="bench-spina-http-"))
-    raft_ports = free_ports(3, seed=11)
-    http_ports = free_ports(3, seed=12)
-    ids = ["n1", "n2", "n3"]
-    processes = []
+    processes, raft_ports, http_ports = spawn_spina_cluster(base, seed=11)
     try:
-        for i, node_id in enumerate(ids):
-            peers = ",".join(f"{other}=127.0.0.1:{raft_ports[j]}" for j, other in enumerate(ids) if j != i)
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "spina_fast", "agent", "--node-id", node_id, "--data-dir", str(base / node_id),
-                 "--http-addr", f"127.0.0.1:{http_ports[i]}", "--raft-addr", f"127.0.0.1:{raft_ports[i]}",
-                 "--dns-addr", "127.0.0.1:0", "--peers", peers, "--log-level", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 30
         leader = ""
         while not leader:
@@ -314,22 +318,15 @@ def bench_spina_http(args: argparse.Namespace) -> dict[str, Any]:
         def body_for(prefix: str, index: int) -> bytes:
             return value_for(index, args.payload)
 
-        asyncio.run(_http_drive(url_for, body_for, "PUT", min(2000, args.writes), args.concurrency, "warmup"))
-        runs = []
-        for run in range(args.runs):
-            latencies, elapsed = asyncio.run(_http_drive(url_for, body_for, "PUT", args.writes, args.concurrency,
-                                                         f"r{run}"))
-            for index in range(0, args.writes, max(1, args.writes // 200)):
-                got = _wait_http(f"http://127.0.0.1:{follower_http}/v1/kv/r{run}/{index}?raw&consistent")
-                if got != value_for(index, args.payload):
-                    raise WrongAnswer(f"spina http: follower returned {got[:40]!r} for r{run}/{index}")
-            runs.append(summarize(latencies, elapsed))
+        def check(prefix: str, index: int) -> None:
+            got = _wait_http(f"http://127.0.0.1:{follower_http}/v1/kv/{prefix}/{index}?raw&consistent")
+            if got != value_for(index, args.payload):
+                raise WrongAnswer(f"spina http: follower returned {got[:40]!r} for {prefix}/{index}")
+
+        runs = _timed_http_runs(args, url_for, body_for, "PUT", check)
         return {"runs": runs}
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop_processes(processes)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -342,7 +339,7 @@ def bench_etcd(args: argparse.Namespace) -> dict[str, Any]:
     peer_ports = free_ports(3, seed=22)
     names = ["e1", "e2", "e3"]
     cluster = ",".join(f"{name}=http://127.0.0.1:{peer_ports[i]}" for i, name in enumerate(names))
-    processes = []
+    processes: list[subprocess.Popen[bytes]] = []
     try:
         for i, name in enumerate(names):
             processes.append(subprocess.Popen(
@@ -374,25 +371,18 @@ def bench_etcd(args: argparse.Namespace) -> dict[str, Any]:
             return orjson.dumps({"key": base64.b64encode(f"{prefix}/{index}".encode()).decode(),
                                  "value": base64.b64encode(value_for(index, args.payload)).decode()})
 
-        asyncio.run(_http_drive(url_for, body_for, "POST", min(2000, args.writes), args.concurrency, "warmup"))
-        runs = []
-        for run in range(args.runs):
-            latencies, elapsed = asyncio.run(_http_drive(url_for, body_for, "POST", args.writes, args.concurrency,
-                                                         f"r{run}"))
-            for index in range(0, args.writes, max(1, args.writes // 200)):
-                reply = orjson.loads(_wait_http(
-                    f"http://127.0.0.1:{follower_port}/v3/kv/range", "POST",
-                    orjson.dumps({"key": base64.b64encode(f"r{run}/{index}".encode()).decode()})))
-                if base64.b64decode(reply["kvs"][0]["value"]) != value_for(index, args.payload):
-                    raise WrongAnswer(f"etcd: follower lacks r{run}/{index}")
-            runs.append(summarize(latencies, elapsed))
+        def check(prefix: str, index: int) -> None:
+            reply = orjson.loads(_wait_http(
+                f"http://127.0.0.1:{follower_port}/v3/kv/range", "POST",
+                orjson.dumps({"key": base64.b64encode(f"{prefix}/{index}".encode()).decode()})))
+            if base64.b64decode(reply["kvs"][0]["value"]) != value_for(index, args.payload):
+                raise WrongAnswer(f"etcd: follower lacks {prefix}/{index}")
+
+        runs = _timed_http_runs(args, url_for, body_for, "POST", check)
         return {"runs": runs, "version": subprocess.run([etcd, "--version"], capture_output=True,
                                                         text=True).stdout.split("\n")[0]}
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
+        stop_processes(processes)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spina_fast.testing import free_ports
+
 READY = re.compile(r"^spina agent ready http=(\S+) dns=(\S+) raft=(\S+) leader=(\S*)$")
 
 
@@ -74,27 +76,6 @@ def start_agent(*args: str, timeout: float = 30.0, cwd: Path | None = None) -> A
     raise RuntimeError(
         f"agent exited with {process.returncode} before it was ready:\n{''.join(stderr_lines)[-4000:]}"
     )
-
-
-def free_ports(count: int, rng_seed: int | None = None) -> list[int]:
-    """Ports that are free now, outside Linux's ephemeral range (32768-60999) so that outgoing
-    connections cannot take them between this check and the agent binding them."""
-    import random
-    import socket
-
-    rng = random.Random(rng_seed)
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(20000, 32000)
-        if port in ports:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 @dataclass
