@@ -36,6 +36,7 @@ KIND_FORWARD_RESULT = 202
 _FORWARD = struct.Struct(">Q")
 _FORWARD_RESULT = struct.Struct(">QB")
 _FORWARD_OK, _FORWARD_NOT_LEADER, _FORWARD_FAILED = 0, 1, 2
+FORWARD_CONNECT_SECONDS = 2.0
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
@@ -282,14 +283,26 @@ class RaftNode:
             self._forward(command, future)
 
     def _forward(self, command: bytes, future: asyncio.Future[Any]) -> None:
+        if future.done():
+            return
         leader = self.leader_id
         if leader is None or leader == self.node_id:
             future.set_exception(Unavailable("no leader is known; the cluster may be electing one"))
+            return
+        if not self.transport.is_connected(leader):
+            # We may learn of a leader (from its appends) before our own connection to it is up.
+            asyncio.get_running_loop().create_task(self._forward_when_connected(leader, command, future))
             return
         request_id = next(self._request_ids)
         self._forwards[request_id] = future
         future.add_done_callback(lambda _: self._forwards.pop(request_id, None))
         if not self.transport.send(leader, encode_frame(KIND_FORWARD, _FORWARD.pack(request_id) + command)):
+            future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
+
+    async def _forward_when_connected(self, leader: str, command: bytes, future: asyncio.Future[Any]) -> None:
+        if await self.transport.wait_connected(leader, FORWARD_CONNECT_SECONDS):
+            self._forward(command, future)
+        elif not future.done():
             future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
 
     async def _serve_forward(self, src: str, request_id: int, command: bytes) -> None:

@@ -107,6 +107,7 @@ class RaftTransport:
         self._outbound: dict[str, asyncio.Transport] = {}
         self._inbound: set[asyncio.Transport] = set()
         self._dialers: dict[str, asyncio.Task[None]] = {}
+        self._connected: dict[str, asyncio.Event] = {}
         self._closing = False
 
     async def start(self) -> HostPort:
@@ -139,11 +140,14 @@ class RaftTransport:
             _no_delay(transport)
             transport.write(encode_frame(KIND_HELLO, self.node_id.encode()))
             self._outbound[peer] = transport
+            self._connected.setdefault(peer, asyncio.Event()).set()
             log.debug("connected to peer", extra={"peer": peer, "address": str(address)})
             return
 
     def _lost(self, peer: str) -> None:
         self._outbound.pop(peer, None)
+        if peer in self._connected:
+            self._connected[peer].clear()
         if not self._closing:
             self._dial(peer)
 
@@ -156,12 +160,31 @@ class RaftTransport:
         transport.write(frame)
         return True
 
+    def is_connected(self, peer: str) -> bool:
+        transport = self._outbound.get(peer)
+        return transport is not None and not transport.is_closing()
+
+    async def wait_connected(self, peer: str, timeout: float) -> bool:
+        """Wait until the outbound connection to ``peer`` is up; False after ``timeout``."""
+        if self.is_connected(peer):
+            return True
+        if peer not in self.peers:
+            return False
+        event = self._connected.setdefault(peer, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self.is_connected(peer)
+
     def connected_peers(self) -> list[str]:
         return sorted(peer for peer, transport in self._outbound.items() if not transport.is_closing())
 
     def disconnect(self, peer: str) -> None:
         """Drop the outbound connection to ``peer`` (it is dialled again)."""
         transport = self._outbound.pop(peer, None)
+        if peer in self._connected:
+            self._connected[peer].clear()
         if transport is not None:
             transport.abort()
 
