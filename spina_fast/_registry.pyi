@@ -1,4 +1,98 @@
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
 Buffer = bytes | bytearray | memoryview
+Status = Literal["passing", "warning", "critical"]
+Health = Literal["any", "healthy", "passing"]
+# (major, minor, patch, is_release, prerelease identifiers as (0, number) or (1, text))
+VersionKey = tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]
+
+MAX_NAME_BYTES: int
+MAX_TAGS: int
+MAX_TAG_BYTES: int
+MAX_META_PAIRS: int
+MAX_META_KEY_BYTES: int
+MAX_META_VALUE_BYTES: int
+MAX_API_VERSIONS: int
+MAX_RANGE_COMPARATORS: int
+MAX_LOAD: int
+MAX_WEIGHT: int
+STATUSES: tuple[str, str, str]
+
+class InvalidRegistration(ValueError):
+    field: str
+    def __init__(self, field: str, message: str) -> None: ...
+
+def parse_version(text: str) -> VersionKey: ...
+
+class VersionRange:
+    text: str
+    def __init__(self, text: str) -> None: ...
+    def __contains__(self, version: object) -> bool: ...
+
+def encode_register(
+    service: str, instance_id: str | None, address: str, port: int | None, *, version: str = "",
+    api_versions: Iterable[str] = (), weight: int = 1, max_load: int = 0, zone: str = "", region: str = "",
+    tags: Iterable[str] = (), meta: Mapping[str, str] | None = None, status: Status = "passing",
+) -> bytes: ...
+def encode_deregister(service: str, instance_id: str) -> bytes: ...
+def encode_set_status(service: str, instance_id: str, status: Status) -> bytes: ...
+
+class InstanceView:
+    """A copy built per answer; the containers below are built on each access."""
+
+    service: str
+    instance_id: str
+    port: int
+    version: str
+    weight: int
+    max_load: int
+    load: int
+    zone: str
+    region: str
+    status: Status
+    @property
+    def packed_address(self) -> bytes: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def tags(self) -> tuple[str, ...]: ...
+    @property
+    def meta(self) -> dict[str, str]: ...
+    @property
+    def api_versions(self) -> tuple[str, ...]: ...
+    @property
+    def free_capacity(self) -> int: ...
+
+class RegistryStore:
+    index: int
+    removed_index: int
+    def __init__(self) -> None: ...
+    def apply(self, index: int, command: Buffer) -> bool: ...
+    def register(
+        self, index: int, service: str, instance_id: str | None, address: str, port: int | None, *,
+        version: str = "", api_versions: Iterable[str] = (), weight: int = 1, max_load: int = 0, zone: str = "",
+        region: str = "", tags: Iterable[str] = (), meta: Mapping[str, str] | None = None,
+        status: Status = "passing",
+    ) -> bool: ...
+    def deregister(self, index: int, service: str, instance_id: str) -> bool: ...
+    def set_status(self, index: int, service: str, instance_id: str, status: Status) -> bool: ...
+    def report_load(self, service: str, instance_id: str, load: int) -> bool: ...
+    def instances(
+        self, service: str, *, health: Health = "any", tags: Iterable[str] = (),
+        version: str | VersionRange | None = None, api_version: str | None = None, near_zone: str | None = None,
+        near_region: str | None = None, by_load: bool = False, limit: int = 0,
+    ) -> list[InstanceView]: ...
+    def get(self, service: str, instance_id: str) -> InstanceView | None: ...
+    def services(self) -> dict[str, tuple[str, ...]]: ...
+    def service_index(self, service: str) -> int: ...
+    @property
+    def service_count(self) -> int: ...
+    def __len__(self) -> int: ...
+    def memory_bytes(self) -> int: ...
+    def snapshot(self) -> bytes: ...
+    def restore(self, data: Buffer) -> None: ...
+    def state_hash(self) -> str: ...
 
 class Interner:
     hits: int

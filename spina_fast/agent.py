@@ -12,8 +12,9 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from spina_fast.api.fast_http import FastHTTPServer
 from spina_fast.api.http import build_app
-from spina_fast.config import AgentConfig, HostPort
+from spina_fast.config import AgentConfig
 from spina_fast.errors import InvalidRequest, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
 from spina_fast.raft.node import RaftNode
@@ -67,6 +68,7 @@ class Agent:
         self._data_dir: DataDir | None = None
         self._node: RaftNode | None = None
         self._runner: web.AppRunner | None = None
+        self._http: FastHTTPServer | None = None
         self.bound_http_addr = config.http_addr
         # DNS arrives with the discovery front ends; until then the configured address is reported.
         self.bound_dns_addr = config.dns_addr
@@ -101,19 +103,20 @@ class Agent:
                                   tick_seconds=config.tick_seconds, election_ticks=config.election_ticks,
                                   heartbeat_ticks=config.heartbeat_ticks, fsync=config.fsync)
             self.bound_raft_addr = await self._node.start()
+            # One listening port: the fast front end serves the hot routes and hands every other
+            # connection to the aiohttp application (its runner has no site of its own).
             self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, config.http_addr.host, config.http_addr.port, backlog=1024,
-                               reuse_address=True)
-            await site.start()
+            if self._runner.server is None:
+                raise Unavailable("the aiohttp runner did not set up its server")
+            self._http = FastHTTPServer(self, self._runner.server)
+            self.bound_http_addr = await self._http.start(config.http_addr.host, config.http_addr.port)
             if not config.peers:
                 # A single voter elects itself within one election timeout; wait so "ready" means writable.
                 await self._wait_for_leader(timeout=10.0)
         except BaseException:
             await self.stop()
             raise
-        host, port = self._runner.addresses[0][:2]
-        self.bound_http_addr = HostPort(host, port)
         log.info("agent started", extra={"node_id": config.node_id, "http": str(self.bound_http_addr),
                                          "raft": str(self.bound_raft_addr), "data_dir": str(config.data_dir)})
 
@@ -129,6 +132,9 @@ class Agent:
                 f"raft={self.bound_raft_addr} leader={self.leader_address()}")
 
     async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import logging
 import re
 import shutil
@@ -25,7 +27,7 @@ from spina_fast.config import (
     parse_host_port,
     parse_peers,
 )
-from spina_fast.errors import SpinaError
+from spina_fast.errors import InvalidRequest, SpinaError
 from spina_fast.log import configure_logging
 from spina_fast.runtime import tune_gc
 
@@ -112,7 +114,50 @@ def build_parser() -> argparse.ArgumentParser:
     ls = kv_commands.add_parser("ls", help="list keys under a prefix")
     ls.add_argument("prefix", nargs="?", default="")
     ls.add_argument("--separator", default="", help="group keys below this separator (e.g. /)")
+    _add_config_parser(commands)
     return parser
+
+
+def _add_config_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    config = commands.add_parser(
+        "config", help="layered configuration: resolve, history, diff, rollback",
+        description="Layered configuration under config/ (global < env < service < service+env), with the "
+                    "history of every change. Keys are full keys, e.g. config/service/api/env/prod/timeout.")
+    config.add_argument("--http-addr", default=DEFAULT_HTTP_ADDR, metavar="HOST:PORT", help="the agent to talk to")
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    resolve = actions.add_parser("resolve", help="print the effective configuration of a service",
+                                 description="Every effective name with its value, the layer it comes from "
+                                             "and its version.")
+    resolve.add_argument("--service", default=None, help="the service (adds its service layers)")
+    resolve.add_argument("--env", default=None, help="the environment (adds its env layers)")
+    resolve.add_argument("--json", action="store_true", help="the agent's JSON document")
+    history = actions.add_parser("history", help="list the versions of a key, newest first")
+    history.add_argument("key")
+    history.add_argument("--limit", type=int, default=None, help="at most this many versions")
+    history.add_argument("--json", action="store_true", help="the agent's JSON document")
+    diff = actions.add_parser("diff", help="show what changed between two versions of a key",
+                              description="Unified diff between two versions (default: the latest and the one "
+                                          "before it). JSON values are compared in a canonical indented form.")
+    diff.add_argument("key")
+    diff.add_argument("--from", dest="from_version", type=int, default=None, metavar="V1")
+    diff.add_argument("--to", dest="to_version", type=int, default=None, metavar="V2", help="default: the latest")
+    diff.add_argument("--json", action="store_true", help="JSON, with RFC 6902 changes for JSON values")
+    rollback = actions.add_parser("rollback", help="write an old version of a key as a new version")
+    rollback.add_argument("key")
+    rollback.add_argument("--to", dest="to_version", type=int, required=True, metavar="V")
+    tree = actions.add_parser("rollback-tree", help="restore every key under a prefix to a point in time, atomically",
+                              description="Restore every key under PREFIX to its state at --time (RFC 3339 with a "
+                                          "zone, or unix seconds) or right after Raft index --index, in one "
+                                          "atomic write; keys created since are deleted.")
+    tree.add_argument("prefix")
+    when = tree.add_mutually_exclusive_group(required=True)
+    when.add_argument("--time", default=None, help="e.g. 2026-01-31T12:00:00Z or 1769860800")
+    when.add_argument("--index", type=int, default=None, help="a Raft index (the 'index' of a history entry)")
+    tree.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    for writer in (rollback, tree):
+        writer.add_argument("--author", default=None, help="recorded in the history (default: your user name)")
+        writer.add_argument("--description", default="", help="recorded in the history")
 
 
 def _run_kv(args: argparse.Namespace) -> int:
@@ -153,6 +198,81 @@ def _run_kv(args: argparse.Namespace) -> int:
     assert isinstance(names, list)
     for name in names:
         print(name)
+    return 0
+
+
+def _change_headers(args: argparse.Namespace) -> dict[str, str]:
+    author = args.author
+    if author is None:
+        try:
+            author = getpass.getuser()
+        except (OSError, KeyError):  # no login name and no $USER / $LOGNAME
+            author = ""
+    if "\n" in author or "\n" in args.description:
+        raise InvalidRequest("--author and --description travel in HTTP headers and must be one line")
+    # HTTP header values are bytes; the agent reads them as UTF-8, urllib writes them as Latin-1.
+    return {"X-Spina-Author": author.encode().decode("latin-1"),
+            "X-Spina-Description": args.description.encode().decode("latin-1")}
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from spina_fast.client.http import AgentClient
+
+    client = AgentClient(args.http_addr)
+    base = "/v1/spina/config"
+    command = args.config_command
+    if command == "resolve":
+        query = {name: getattr(args, name) for name in ("service", "env") if getattr(args, name) is not None}
+        view = client.request("GET", f"{base}/resolve", query=query).json()
+        assert isinstance(view, dict)
+        if args.json:
+            print(json.dumps(view, indent=2))
+            return 0
+        for name, item in view.items():
+            print(f"{name} = {item['value']}  ({item['layer']}, v{item['version']})")
+        return 0
+    if command == "history":
+        query = {"limit": str(args.limit)} if args.limit else {}
+        versions = client.request("GET", f"{base}/history/{args.key}", query=query).json()
+        assert isinstance(versions, list)
+        if args.json:
+            print(json.dumps(versions, indent=2))
+            return 0
+        for version in versions:
+            content = "(deleted)" if version["deleted"] else json.dumps(version["value"])
+            if len(content) > 60:
+                content = content[:57] + "..."
+            print(f"v{version['version']}  {version['time']}  index {version['index']}  "
+                  f"{version['author'] or '-'}  {content}  {version['description']}".rstrip())
+        return 0
+    if command == "diff":
+        query = {name: str(value) for name, value in (("from", args.from_version), ("to", args.to_version))
+                 if value is not None}
+        if args.json:
+            query["format"] = "json"
+        response = client.request("GET", f"{base}/diff/{args.key}", query=query)
+        sys.stdout.write(json.dumps(response.json(), indent=2) + "\n" if args.json else response.body.decode())
+        return 0
+    if command == "rollback":
+        result = client.request("POST", f"{base}/rollback/{args.key}", query={"to": str(args.to_version)},
+                                headers=_change_headers(args)).json()
+        assert isinstance(result, dict)
+        if result["changed"]:
+            print(f"{args.key}: version {args.to_version} restored as version {result['version']}")
+        else:
+            print(f"{args.key}: already as in version {args.to_version} (deleted); nothing written")
+        return 0
+    query = {"time": args.time} if args.time is not None else {"index": str(args.index)}
+    if args.dry_run:
+        query["dry-run"] = ""
+    result = client.request("POST", f"{base}/rollback-tree/{args.prefix}", query=query,
+                            headers=_change_headers(args)).json()
+    assert isinstance(result, dict)
+    for change in result["changes"]:
+        restored = f"version {change['restored']}" if change["restored"] else "absent"
+        print(f"{change['action']:6}  {change['key']}  (back to {restored})")
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{len(result['changes'])} key(s) {verb}")
     return 0
 
 
@@ -214,10 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
-    if args.command == "kv":
+    clients = {"kv": _run_kv, "config": _run_config}
+    if args.command in clients:
         try:
-            return _run_kv(args)
+            return clients[args.command](args)
         except SpinaError as exc:
-            print(f"spina kv: error: {exc.message}", file=sys.stderr)
+            print(f"spina {args.command}: error: {exc.message}", file=sys.stderr)
             return 1
     parser.error(f"unknown command {args.command!r}")

@@ -25,6 +25,22 @@ class InvalidRequest(SpinaError):
         self.field = field
 
 
+# The ``code`` of an error answered with an HTTP status and no Spina exception behind it.
+HTTP_ERROR_CODES = {
+    400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+    414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large",
+}
+
+
+class MalformedRequest(InvalidRequest):
+    """The bytes on the wire are not an HTTP/1.x request (400), or exceed a size limit (414, 431)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.code = HTTP_ERROR_CODES.get(status, "invalid_request")
+
+
 class NotFound(SpinaError):
     code = "not_found"
     http_status = 404

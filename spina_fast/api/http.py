@@ -13,9 +13,18 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from spina_fast import __version__
-from spina_fast.api import kv
-from spina_fast.api.responses import AGENT_KEY, error_response, json_response
-from spina_fast.errors import NotLeader, SpinaError
+from spina_fast.api import config, kv
+from spina_fast.api.responses import (
+    AGENT_KEY,
+    Reply,
+    error_reply,
+    error_response,
+    json_reply,
+    json_response,
+    spina_error_reply,
+    web_response,
+)
+from spina_fast.errors import HTTP_ERROR_CODES, SpinaError
 
 if TYPE_CHECKING:
     from spina_fast.agent import Agent
@@ -24,10 +33,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_ERROR_CODES = {
-    400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-    414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large",
-}
+ROUTE_STATUS_LEADER = "/v1/status/leader"
+ROUTE_STATUS_PEERS = "/v1/status/peers"
+INTERNAL_ERROR = error_reply(500, "internal error; see the agent's log", "internal")
 
 
 @web.middleware
@@ -38,13 +46,11 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         response = await handler(request)
     except SpinaError as exc:
-        response = error_response(exc.http_status, exc.message, exc.code)
-        if isinstance(exc, NotLeader) and exc.leader:
-            response.headers["X-Spina-Leader"] = exc.leader
+        response = web_response(spina_error_reply(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_ERROR_CODES.get(exc.status, "http_error")
+        code = HTTP_ERROR_CODES.get(exc.status, "http_error")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 404:
             message = f"no such endpoint: {request.method} {request.path}"
@@ -53,20 +59,27 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         response = error_response(exc.status, message, code)
     except Exception:
         log.exception("request failed", extra={"path": request.path})
-        response = error_response(500, "internal error; see the agent's log", "internal")
-    metrics = request.app[AGENT_KEY].metrics
-    metrics.http_requests.labels(request.method, route, str(response.status)).inc()
-    metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
+        response = web_response(INTERNAL_ERROR)
+    request.app[AGENT_KEY].metrics.observe_http(request.method, route, response.status,
+                                                time.perf_counter() - started)
     return response
 
 
-async def _status_leader(request: web.Request) -> web.Response:
+def status_leader(agent: Agent) -> Reply:
     # Consul answers a JSON string, "" while there is no leader.
-    return json_response(request.app[AGENT_KEY].leader_address())
+    return json_reply(agent.leader_address())
+
+
+def status_peers(agent: Agent) -> Reply:
+    return json_reply(agent.voter_addresses())
+
+
+async def _status_leader(request: web.Request) -> web.Response:
+    return web_response(status_leader(request.app[AGENT_KEY]))
 
 
 async def _status_peers(request: web.Request) -> web.Response:
-    return json_response(request.app[AGENT_KEY].voter_addresses())
+    return web_response(status_peers(request.app[AGENT_KEY]))
 
 
 async def _agent_self(request: web.Request) -> web.Response:
@@ -98,9 +111,10 @@ def build_app(agent: Agent) -> web.Application:
     # 1 MiB covers the largest KV value (512 KiB) base64-encoded in JSON.
     app = web.Application(middlewares=[_observe], client_max_size=1024 * 1024)
     app[AGENT_KEY] = agent
-    app.router.add_get("/v1/status/leader", _status_leader)
-    app.router.add_get("/v1/status/peers", _status_peers)
+    app.router.add_get(ROUTE_STATUS_LEADER, _status_leader)
+    app.router.add_get(ROUTE_STATUS_PEERS, _status_peers)
     app.router.add_get("/v1/agent/self", _agent_self)
     app.router.add_get("/metrics", _metrics)
     kv.add_routes(app)
+    config.add_routes(app)
     return app

@@ -3,6 +3,10 @@
 Supported: ``?recurse``, ``?keys`` (+ ``separator``), ``?raw``, ``?flags=``, ``?cas=``, blocking
 queries (``?index=&wait=``), ``?consistent`` (ReadIndex) and ``?stale``. Writes on a follower are
 forwarded to the leader by the Raft node.
+
+The semantics live in the functions taking ``(agent, key, query, ...)`` and returning a ``Reply``; the
+query is a mapping from each parameter name to its first value (aiohttp's ``request.query.get``). The
+aiohttp routes at the bottom and the fast front end (``api/fast_http.py``) both call them.
 """
 
 from __future__ import annotations
@@ -10,14 +14,23 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from spina_fast.api.responses import AGENT_KEY, json_response
+from spina_fast.api.responses import AGENT_KEY, Reply, json_reply, web_response
 from spina_fast.errors import InvalidRequest
 from spina_fast.kv.store import MAX_VALUE_BYTES, encode_delete, encode_put, validate_key
 from spina_fast.state import MODULE_KV
 
+if TYPE_CHECKING:
+    from spina_fast.agent import Agent
+    from spina_fast.raft.node import RaftNode
+
+Query = Mapping[str, str]
+
+ROUTE = "/v1/kv/{key}"
 MAX_WAIT_SECONDS = 600.0
 DEFAULT_WAIT_SECONDS = 300.0
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
@@ -31,8 +44,8 @@ def parse_wait(text: str) -> float:
     return min(float(match.group(1)) * _UNITS[match.group(2)], MAX_WAIT_SECONDS)
 
 
-def parse_uint(request: web.Request, name: str) -> int | None:
-    text = request.query.get(name)
+def parse_uint(query: Query, name: str) -> int | None:
+    text = query.get(name)
     if text is None:
         return None
     if not text.isdigit() or int(text) >= 1 << 64:
@@ -40,26 +53,29 @@ def parse_uint(request: web.Request, name: str) -> int | None:
     return int(text)
 
 
-async def read_consistency(request: web.Request) -> dict[str, str]:
-    """Apply ``?consistent`` / ``?stale`` / default, and return the Consul read headers."""
-    node = request.app[AGENT_KEY].node
-    if "consistent" in request.query and "stale" in request.query:
-        raise InvalidRequest("?consistent and ?stale cannot be combined", field="consistent")
-    if "consistent" in request.query:
-        await node.read_barrier()
+def read_headers(node: RaftNode) -> dict[str, str]:
+    """The Consul read headers (the caller adds ``X-Consul-Index``)."""
     return {
         "X-Consul-KnownLeader": "true" if node.leader_id else "false",
         "X-Consul-LastContact": str(max(node.last_contact_ms(), 0)),
     }
 
 
-async def block_until_changed(request: web.Request, prefix: str) -> None:
+async def apply_consistency(node: RaftNode, query: Query) -> None:
+    """``?consistent`` waits for a ReadIndex barrier; ``?stale`` and the default read locally."""
+    if "consistent" in query and "stale" in query:
+        raise InvalidRequest("?consistent and ?stale cannot be combined", field="consistent")
+    if "consistent" in query:
+        await node.read_barrier()
+
+
+async def block_until_changed(agent: Agent, query: Query, prefix: str) -> None:
     """Consul blocking query: with ``?index=N`` wait (up to ``?wait``) while the KV index is still <= N."""
-    wanted = parse_uint(request, "index")
+    wanted = parse_uint(query, "index")
     if not wanted:
         return
-    store = request.app[AGENT_KEY].state.kv
-    wait = parse_wait(request.query["wait"]) if "wait" in request.query else DEFAULT_WAIT_SECONDS
+    store = agent.state.kv
+    wait = parse_wait(query["wait"]) if "wait" in query else DEFAULT_WAIT_SECONDS
     # Jitter like Consul (up to wait/16) so that many watchers do not return in lockstep.
     deadline = time.monotonic() + wait + random.random() * wait / 16
     while store.index <= wanted:
@@ -69,56 +85,95 @@ async def block_until_changed(request: web.Request, prefix: str) -> None:
         await store.wait_for_change(prefix, remaining)
 
 
-async def kv_get(request: web.Request) -> web.StreamResponse:
-    key = request.match_info["key"]
-    recurse = "recurse" in request.query
-    keys_only = "keys" in request.query
-    if not (recurse or keys_only):
+def answers_at_once(query: Query) -> bool:
+    """Whether a GET with this query neither blocks nor needs a read barrier (then ``read`` serves it)."""
+    return "index" not in query and "consistent" not in query
+
+
+def _check_get(key: str, query: Query) -> None:
+    if "recurse" not in query and "keys" not in query:
         validate_key(key)
-    await block_until_changed(request, key)
-    headers = await read_consistency(request)
-    store = request.app[AGENT_KEY].state.kv
+
+
+def _lookup(agent: Agent, key: str, query: Query) -> Reply:
+    headers = read_headers(agent.node)
+    store = agent.state.kv
     headers["X-Consul-Index"] = str(max(store.index, 1))
-    if keys_only:
-        names = store.keys(key, request.query.get("separator", ""))
-        return json_response(names, status=200 if names else 404, headers=headers)
+    if "keys" in query:
+        names = store.keys(key, query.get("separator", ""))
+        return json_reply(names, status=200 if names else 404, headers=headers)
+    recurse = "recurse" in query
     entries = store.scan(key) if recurse else [entry] if (entry := store.get(key)) else []
     if not entries:
-        return web.Response(status=404, headers=headers)
-    if "raw" in request.query and not recurse:
-        return web.Response(body=entries[0].value, headers=headers, content_type="application/octet-stream")
-    return json_response([entry.to_consul() for entry in entries], headers=headers)
+        return Reply(404, headers=headers)
+    if "raw" in query and not recurse:
+        return Reply(200, entries[0].value, "application/octet-stream", headers)
+    return json_reply([entry.to_consul() for entry in entries], headers=headers)
 
 
-async def kv_put(request: web.Request) -> web.Response:
-    key = request.match_info["key"]
+def read(agent: Agent, key: str, query: Query) -> Reply:
+    """A GET for which ``answers_at_once(query)`` holds, answered without awaiting anything."""
+    _check_get(key, query)
+    return _lookup(agent, key, query)
+
+
+async def get(agent: Agent, key: str, query: Query) -> Reply:
+    _check_get(key, query)
+    await block_until_changed(agent, query, key)
+    await apply_consistency(agent.node, query)
+    return _lookup(agent, key, query)
+
+
+def _too_large(size: int) -> Reply:
+    return json_reply({"error": f"value is {size} bytes; the limit is {MAX_VALUE_BYTES}", "code": "too_large"},
+                      status=413)
+
+
+def check_put(query: Query, content_length: int | None) -> Reply | None:
+    """What can be said about a PUT before its body is read: an error reply, or None to go on."""
     for unsupported in ("acquire", "release"):
-        if unsupported in request.query:
+        if unsupported in query:
             raise InvalidRequest(f"?{unsupported} (sessions and locks) is not supported", field=unsupported)
-    if request.content_length is not None and request.content_length > MAX_VALUE_BYTES:
-        return json_response({"error": f"value is {request.content_length} bytes; the limit is "
-                                       f"{MAX_VALUE_BYTES}", "code": "too_large"}, status=413)
-    value = await request.read()
+    if content_length is not None and content_length > MAX_VALUE_BYTES:
+        return _too_large(content_length)
+    return None
+
+
+async def put(agent: Agent, key: str, query: Query, value: bytes) -> Reply:
+    """The PUT once ``check_put`` let it through and its body is read."""
     if len(value) > MAX_VALUE_BYTES:
-        return json_response({"error": f"value is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}",
-                              "code": "too_large"}, status=413)
-    command = encode_put(key, value, flags=parse_uint(request, "flags") or 0, cas=parse_uint(request, "cas"))
-    result = await request.app[AGENT_KEY].node.propose(MODULE_KV + command)
-    return json_response(result)
+        return _too_large(len(value))
+    command = encode_put(key, value, flags=parse_uint(query, "flags") or 0, cas=parse_uint(query, "cas"))
+    return json_reply(await agent.node.propose(MODULE_KV + command))
 
 
-async def kv_delete(request: web.Request) -> web.Response:
-    key = request.match_info["key"]
-    recurse = "recurse" in request.query
-    command = encode_delete(key, recurse=recurse, cas=parse_uint(request, "cas"))
-    result = await request.app[AGENT_KEY].node.propose(MODULE_KV + command)
-    return json_response(result)
+async def delete(agent: Agent, key: str, query: Query) -> Reply:
+    command = encode_delete(key, recurse="recurse" in query, cas=parse_uint(query, "cas"))
+    return json_reply(await agent.node.propose(MODULE_KV + command))
+
+
+# --- the aiohttp routes --------------------------------------------------------------------------------------
+
+async def _kv_get(request: web.Request) -> web.StreamResponse:
+    return web_response(await get(request.app[AGENT_KEY], request.match_info["key"], request.query))
+
+
+async def _kv_put(request: web.Request) -> web.Response:
+    rejected = check_put(request.query, request.content_length)
+    if rejected is not None:
+        return web_response(rejected)
+    value = await request.read()
+    return web_response(await put(request.app[AGENT_KEY], request.match_info["key"], request.query, value))
+
+
+async def _kv_delete(request: web.Request) -> web.Response:
+    return web_response(await delete(request.app[AGENT_KEY], request.match_info["key"], request.query))
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/kv/{key:.*}", kv_get)
-    app.router.add_put("/v1/kv/{key:.*}", kv_put)
-    app.router.add_delete("/v1/kv/{key:.*}", kv_delete)
+    app.router.add_get("/v1/kv/{key:.*}", _kv_get)
+    app.router.add_put("/v1/kv/{key:.*}", _kv_put)
+    app.router.add_delete("/v1/kv/{key:.*}", _kv_delete)
 
 
-__all__ = ["add_routes"]
+__all__ = ["ROUTE", "add_routes", "answers_at_once", "check_put", "delete", "get", "put", "read"]

@@ -27,11 +27,12 @@ class AgentClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, *, query: dict[str, str] | None = None,
-                body: bytes | None = None, allow_404: bool = False) -> Response:
+                body: bytes | None = None, headers: dict[str, str] | None = None,
+                allow_404: bool = False) -> Response:
         url = self.base_url + urllib.parse.quote(path)
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        request = urllib.request.Request(url, data=body, method=method)
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return Response(response.status, dict(response.headers), response.read())

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import re
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,10 +28,20 @@ MAX_KEY_BYTES = 512
 OP_PUT = 1
 OP_DELETE = 2
 OP_DELETE_TREE = 3
+# Set in the op byte when a change record (time, author, description) follows the header.
+OP_HAS_META = 0x80
+
+# Keys whose every change is kept as a version (spina_fast.kv.config): their commands always carry the
+# proposer's clock, since a replica's own clock at apply time would make the replicas diverge.
+HISTORY_PREFIX = "config/"
+MAX_AUTHOR_BYTES = 256
+MAX_DESCRIPTION_BYTES = 4096
 
 # op u8 | flags u64 | cas u64 (0 = unconditional, else ModifyIndex required; Consul: cas=0 means "only if absent")
-# | has_cas u8 | key length u16 | key | value
+# | has_cas u8 | key length u16 | [meta] | key | value
 _HEADER = struct.Struct(">BQQBH")
+# meta: time in unix milliseconds u64 | author length u16 | description length u16 | author | description
+_META = struct.Struct(">QHH")
 
 
 @dataclass(slots=True)
@@ -62,24 +73,122 @@ def validate_key(key: str) -> str:
     return key
 
 
-def _encode(op: int, key: str, value: bytes = b"", flags: int = 0, cas: int | None = None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class ChangeMeta:
+    """Who changed a key, when (the proposer's clock, unix milliseconds) and why."""
+
+    time_ms: int
+    author: str = ""
+    description: str = ""
+
+    @classmethod
+    def create(cls, author: str = "", description: str = "", time_ms: int | None = None) -> ChangeMeta:
+        """A change record stamped with this (the proposing) node's clock unless ``time_ms`` is given."""
+        _check_text(author, MAX_AUTHOR_BYTES, "author")
+        _check_text(description, MAX_DESCRIPTION_BYTES, "description")
+        if time_ms is None:
+            time_ms = int(time.time() * 1000)
+        elif not 0 <= time_ms < 1 << 63:
+            raise InvalidRequest(f"time {time_ms} ms is out of range", field="time")
+        return cls(time_ms, author, description)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCommand:
+    op: int
+    key: str
+    value: bytes
+    flags: int
+    cas: int | None
+    meta: ChangeMeta | None
+
+
+def _check_text(text: str, limit: int, field: str) -> None:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{field} is not valid UTF-8", field=field) from None
+    if size > limit:
+        raise InvalidRequest(f"{field} is {size} bytes; the limit is {limit}", field=field)
+    # Newlines and tabs are fine in a description; other control characters would garble logs and terminals.
+    if _CONTROL_CHARACTERS.search(text.replace("\n", "").replace("\t", "")):
+        raise InvalidRequest(f"{field} contains control characters", field=field)
+
+
+def _encode(op: int, key: str, value: bytes, flags: int, cas: int | None, meta: ChangeMeta | None) -> bytes:
     encoded_key = key.encode()
-    return _HEADER.pack(op, flags, cas or 0, cas is not None, len(encoded_key)) + encoded_key + value
+    if cas is not None and not 0 <= cas < 1 << 64:
+        raise InvalidRequest(f"cas {cas} is not an unsigned 64-bit integer", field="cas")
+    if meta is None:
+        return _HEADER.pack(op, flags, cas or 0, cas is not None, len(encoded_key)) + encoded_key + value
+    author = meta.author.encode()
+    description = meta.description.encode()
+    return (_HEADER.pack(op | OP_HAS_META, flags, cas or 0, cas is not None, len(encoded_key))
+            + _META.pack(meta.time_ms, len(author), len(description)) + author + description + encoded_key + value)
 
 
-def encode_put(key: str, value: bytes, *, flags: int = 0, cas: int | None = None) -> bytes:
+def _change_meta(touches_history: bool, author: str, description: str, time_ms: int | None) -> ChangeMeta | None:
+    if not (touches_history or author or description or time_ms is not None):
+        return None
+    return ChangeMeta.create(author, description, time_ms)
+
+
+def encode_put(key: str, value: bytes, *, flags: int = 0, cas: int | None = None, author: str = "",
+               description: str = "", time_ms: int | None = None) -> bytes:
+    """A PUT command. Changes under ``HISTORY_PREFIX`` carry the caller's clock (or ``time_ms``), author and
+    description, which the configuration history records."""
     validate_key(key)
     if len(value) > MAX_VALUE_BYTES:
         raise InvalidRequest(f"value is {len(value)} bytes; the limit is {MAX_VALUE_BYTES}", field="value")
     if not 0 <= flags < 1 << 64:
         raise InvalidRequest(f"flags {flags} is not an unsigned 64-bit integer", field="flags")
-    return _encode(OP_PUT, key, value, flags, cas)
+    meta = _change_meta(key.startswith(HISTORY_PREFIX), author, description, time_ms)
+    return _encode(OP_PUT, key, value, flags, cas, meta)
 
 
-def encode_delete(key: str, *, recurse: bool = False, cas: int | None = None) -> bytes:
+def encode_delete(key: str, *, recurse: bool = False, cas: int | None = None, author: str = "",
+                  description: str = "", time_ms: int | None = None) -> bytes:
     if not recurse:
         validate_key(key)
-    return _encode(OP_DELETE_TREE if recurse else OP_DELETE, key, cas=cas)
+    touches_history = key.startswith(HISTORY_PREFIX) or (recurse and HISTORY_PREFIX.startswith(key))
+    meta = _change_meta(touches_history, author, description, time_ms)
+    return _encode(OP_DELETE_TREE if recurse else OP_DELETE, key, b"", 0, cas, meta)
+
+
+def _key_offset(command: bytes, op: int) -> int:
+    if not op & OP_HAS_META:
+        return _HEADER.size
+    _, author_length, description_length = _META.unpack_from(command, _HEADER.size)
+    return _HEADER.size + _META.size + author_length + description_length
+
+
+def may_touch(command: bytes, prefix: bytes) -> bool:
+    """A cheap test for the apply hot path: False only if ``command`` certainly touches no key under ``prefix``."""
+    op = command[0]
+    if op & OP_HAS_META or op == OP_DELETE_TREE:
+        return True
+    return command.startswith(prefix, _HEADER.size)
+
+
+def command_key(command: bytes) -> tuple[int, str]:
+    """The op (without the meta bit) and key of a command, without decoding the rest."""
+    op, _, _, _, key_length = _HEADER.unpack_from(command)
+    start = _key_offset(command, op)
+    return op & ~OP_HAS_META, command[start:start + key_length].decode()
+
+
+def decode_command(command: bytes) -> KVCommand:
+    op, flags, cas, has_cas, key_length = _HEADER.unpack_from(command)
+    meta = None
+    if op & OP_HAS_META:
+        time_ms, author_length, description_length = _META.unpack_from(command, _HEADER.size)
+        start = _HEADER.size + _META.size
+        author = command[start:start + author_length].decode()
+        description = command[start + author_length:start + author_length + description_length].decode()
+        meta = ChangeMeta(time_ms, author, description)
+    start = _key_offset(command, op)
+    return KVCommand(op & ~OP_HAS_META, command[start:start + key_length].decode(),
+                     command[start + key_length:], flags, cas if has_cas else None, meta)
 
 
 class KVStore:
@@ -100,12 +209,16 @@ class KVStore:
     def apply(self, index: int, command: bytes) -> bool:
         """Apply one command committed at ``index``; returns its result (False = CAS failed)."""
         op, flags, cas, has_cas, key_length = _HEADER.unpack_from(command)
-        key = command[_HEADER.size:_HEADER.size + key_length].decode()
+        start = _HEADER.size
+        if op & OP_HAS_META:
+            start = _key_offset(command, op)
+            op &= ~OP_HAS_META
+        key = command[start:start + key_length].decode()
         existing = self._entries.get(key)
         if op == OP_PUT:
             if has_cas and (existing[3] if existing else 0) != cas:
                 return False
-            value = command[_HEADER.size + key_length:]
+            value = command[start + key_length:]
             if existing is None:
                 self._entries[key] = (value, flags, index, index)
                 self._sorted_keys.add(key)
