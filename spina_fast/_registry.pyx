@@ -1108,12 +1108,8 @@ cdef class RegistryStore:
         """Record an instance's current load (leader-local, from heartbeats); False for an unknown instance."""
         cdef uint32_t value = <uint32_t>_check_integer(load, "load", 0, MAX_LOAD)
         cdef _Service found = self._services.get(service)
-        if found is None:
-            return False
-        cdef bytes encoded = instance_id.encode("utf-8")
-        cdef bint exists
-        cdef Py_ssize_t position = found.find(<const unsigned char*>PyBytes_AS_STRING(encoded), len(encoded), &exists)
-        if not exists:
+        cdef Py_ssize_t position = _position_of(found, instance_id) if found is not None else -1
+        if position < 0:
             return False
         found.instances[position].load = value
         return True
@@ -1382,12 +1378,8 @@ cdef class RegistryStore:
 
     def get(self, str service not None, str instance_id not None):
         cdef _Service found = self._services.get(service)
-        if found is None:
-            return None
-        cdef bytes encoded = instance_id.encode("utf-8")
-        cdef bint exists
-        cdef Py_ssize_t position = found.find(<const unsigned char*>PyBytes_AS_STRING(encoded), len(encoded), &exists)
-        return self._view(found, service, &found.instances[position]) if exists else None
+        cdef Py_ssize_t position = _position_of(found, instance_id) if found is not None else -1
+        return self._view(found, service, &found.instances[position]) if position >= 0 else None
 
     def services(self) -> dict:
         """Every service with the sorted union of its instances' tags, by name (Consul /v1/catalog/services)."""
@@ -1580,6 +1572,14 @@ cdef class RegistryStore:
     def state_hash(self) -> str:
         """A digest of the replicated state, equal on every node that applied the same log."""
         return hashlib.sha256(self.snapshot()).hexdigest()
+
+
+cdef Py_ssize_t _position_of(_Service service, str instance_id) except -2:
+    """The slot of ``instance_id`` in ``service``, or -1."""
+    cdef bytes encoded = instance_id.encode("utf-8")
+    cdef bint exists
+    cdef Py_ssize_t position = service.find(<const unsigned char*>PyBytes_AS_STRING(encoded), len(encoded), &exists)
+    return position if exists else -1
 
 
 cdef str _snapshot_text(_Cursor* cursor, list texts):
