@@ -213,6 +213,28 @@ def test_encode_response_frames_the_body_and_the_connection() -> None:
                       b"Connection: close\r\n\r\n{}"
 
 
+def test_http_metrics_expose_what_prometheus_clients_own_histogram_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from spina_fast.observability.metrics import LATENCY_BUCKETS, AgentMetrics
+
+    ours = AgentMetrics()
+    registry = CollectorRegistry()
+    reference = Histogram("spina_http_request_duration_seconds", "Time from request parsed to response written.",
+                          ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry)
+    rng = random.Random(SEED)
+    for _ in range(500):
+        method, seconds = rng.choice(["GET", "PUT"]), rng.choice([*LATENCY_BUCKETS, rng.expovariate(1000), 99.0])
+        ours.observe_http(method, kv.ROUTE, 200, seconds)
+        reference.labels(method, kv.ROUTE).observe(seconds)
+
+    def lines(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines()
+                if line.startswith("spina_http_request_duration_seconds") and "_created" not in line]
+
+    assert lines(ours.render()) == lines(generate_latest(registry)), f"seed {SEED}"
+
+
 def test_fast_route_templates_are_the_aiohttp_canonical_routes() -> None:
     app = build_app(None)  # type: ignore[arg-type]
     canonical = {route.resource.canonical for route in app.router.routes() if route.resource is not None}
