@@ -121,6 +121,16 @@ def test_history_records_kv_and_native_writes_newest_first_with_deletions(
     assert [v["version"] for v in history(agent, key, "?limit=2")] == [4, 3]
 
 
+def test_consul_kv_writes_record_author_and_description_headers(agent: AgentProcess) -> None:
+    key = "config/global/kv-authored"
+    headers = {"X-Spina-Author": "alice", "X-Spina-Description": "raise the limit"}
+    assert ok_json(agent, "PUT", f"/v1/kv/{key}", b"30", headers) is True
+    assert ok_json(agent, "DELETE", f"/v1/kv/{key}", None, {"X-Spina-Author": "bob"}) is True
+    deleted, written = history(agent, key)
+    assert (written["author"], written["description"], written["value"]) == ("alice", "raise the limit", "30")
+    assert deleted["deleted"] is True and deleted["author"] == "bob"
+
+
 def test_diff_is_unified_text_or_json_with_structural_changes(agent: AgentProcess) -> None:
     key = "config/service/diff/limits"
     put(agent, key, '{"cpu": 1, "mem": 512, "zones": ["a"]}')

@@ -139,16 +139,20 @@ def check_put(query: Query, content_length: int | None) -> Reply | None:
     return None
 
 
-async def put(agent: Agent, key: str, query: Query, value: bytes) -> Reply:
-    """The PUT once ``check_put`` let it through and its body is read."""
+async def put(agent: Agent, key: str, query: Query, value: bytes, *, author: str = "",
+              description: str = "") -> Reply:
+    """The PUT once ``check_put`` let it through and its body is read. ``author`` and ``description``
+    (X-Spina-Author / X-Spina-Description) go into the configuration history for keys under config/."""
     if len(value) > MAX_VALUE_BYTES:
         return _too_large(len(value))
-    command = encode_put(key, value, flags=parse_uint(query, "flags") or 0, cas=parse_uint(query, "cas"))
+    command = encode_put(key, value, flags=parse_uint(query, "flags") or 0, cas=parse_uint(query, "cas"),
+                         author=author, description=description)
     return json_reply(await agent.node.propose(MODULE_KV + command))
 
 
-async def delete(agent: Agent, key: str, query: Query) -> Reply:
-    command = encode_delete(key, recurse="recurse" in query, cas=parse_uint(query, "cas"))
+async def delete(agent: Agent, key: str, query: Query, *, author: str = "", description: str = "") -> Reply:
+    command = encode_delete(key, recurse="recurse" in query, cas=parse_uint(query, "cas"), author=author,
+                            description=description)
     return json_reply(await agent.node.propose(MODULE_KV + command))
 
 
@@ -163,11 +167,19 @@ async def _kv_put(request: web.Request) -> web.Response:
     if rejected is not None:
         return web_response(rejected)
     value = await request.read()
-    return web_response(await put(request.app[AGENT_KEY], request.match_info["key"], request.query, value))
+    return web_response(await put(request.app[AGENT_KEY], request.match_info["key"], request.query, value,
+                                  **_change_record(request)))
 
 
 async def _kv_delete(request: web.Request) -> web.Response:
-    return web_response(await delete(request.app[AGENT_KEY], request.match_info["key"], request.query))
+    return web_response(await delete(request.app[AGENT_KEY], request.match_info["key"], request.query,
+                                     **_change_record(request)))
+
+
+def _change_record(request: web.Request) -> dict[str, str]:
+    # The fast front end hands every request with an X-Spina-* header to aiohttp, so these arrive here.
+    return {"author": request.headers.get("X-Spina-Author", ""),
+            "description": request.headers.get("X-Spina-Description", "")}
 
 
 def add_routes(app: web.Application) -> None:
