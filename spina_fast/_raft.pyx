@@ -1061,12 +1061,12 @@ cdef class RaftCore:
                 # (and rejoins with a higher term) must not depose it. A transfer is exempt.
                 if self._in_leader_lease() and not (kind == MSG_VOTE and msg.context == _TRANSFER_CONTEXT):
                     return
-            if kind == MSG_PRE_VOTE or (kind == MSG_PRE_VOTE_RESPONSE and not msg.reject):
-                pass  # a pre-vote never changes terms; the pre-candidate bumps its term once it wins
-            elif kind == MSG_APPEND or kind == MSG_HEARTBEAT or kind == MSG_SNAPSHOT:
-                self._become_follower(msg.term, msg.src)
-            else:
-                self._become_follower(msg.term, None)
+            # A pre-vote never changes terms; the pre-candidate bumps its term once it wins.
+            if not (kind == MSG_PRE_VOTE or (kind == MSG_PRE_VOTE_RESPONSE and not msg.reject)):
+                if kind == MSG_APPEND or kind == MSG_HEARTBEAT or kind == MSG_SNAPSHOT:
+                    self._become_follower(msg.term, msg.src)
+                else:
+                    self._become_follower(msg.term, None)
         elif msg.term < self._term:
             if (self._check_quorum or self._pre_vote) and (kind == MSG_APPEND or kind == MSG_HEARTBEAT):
                 # The sender leads an older term. With check-quorum/pre-vote our higher term would

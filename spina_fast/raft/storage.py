@@ -546,7 +546,7 @@ class RaftStorage:
         try:
             loop.call_soon_threadsafe(self._fsync_finished, loop, target, synced, failure)
         except RuntimeError:
-            pass  # the event loop is closed: nobody is waiting any more
+            return  # the event loop is closed: nobody is waiting any more
 
     def _fsync_finished(
         self, loop: asyncio.AbstractEventLoop, target: int, synced: bool, failure: Exception | None
