@@ -54,10 +54,18 @@ cdef enum Comparison:
 
 
 ctypedef struct Instance:
-    # One registration in 40 bytes. Strings are ids in the store's string table (0 = the empty string).
+    # One registration in 72 bytes. Strings are ids in the store's string table (0 = the empty string).
     # The variable part lives in the service's word arena at var_offset: the instance id (UTF-8, padded
     # to whole words), the IPv6 address if family is 6, then tag ids, meta (key, value) id pairs and
     # API-version ids.
+    uint64_t create_index      # Raft index of the registration that created the instance
+    uint64_t modify_index      # Raft index of its last change
+    # Leader-local (not replicated, not hashed), in the leader's monotonic milliseconds: until when a
+    # passing/warning instance stays healthy without a heartbeat, or since when a critical one has been
+    # critical. 0 = not yet started (the lease starts at the next sweep).
+    uint64_t lease_deadline
+    uint32_t check_ttl_ms      # 0: no TTL check, the instance never expires by itself
+    uint32_t deregister_after_ms   # 0: a critical instance stays registered
     uint32_t var_offset
     uint8_t ipv4[4]
     uint32_t version
@@ -73,6 +81,14 @@ ctypedef struct Instance:
     uint8_t tag_count
     uint8_t meta_count
     uint8_t api_count
+
+
+ctypedef struct OwnerSlot:
+    # Instance ids are unique across services (Consul's agent APIs name an instance by its id alone):
+    # an open-addressing table from a 32-bit hash of the id to the owning service's name. A hit is
+    # confirmed by looking the id up in that service, so hash collisions cost a probe, never a wrong answer.
+    uint32_t hash
+    uint32_t service           # string id of the service name; 0 = empty slot
 
 
 ctypedef struct TagCount:
@@ -170,6 +186,10 @@ cdef class _Registration:
     cdef uint16_t weight
     cdef uint8_t status
     cdef uint8_t family
+    cdef uint32_t check_ttl_ms
+    cdef uint32_t deregister_after_ms
+    cdef uint64_t create_index      # set only when restored from a snapshot (0: the applying index)
+    cdef uint64_t modify_index
 
 
 cdef class VersionRange:
@@ -196,6 +216,10 @@ cdef class InstanceView:
     cdef readonly long long load
     cdef readonly int port
     cdef readonly int weight
+    cdef readonly unsigned long long create_index
+    cdef readonly unsigned long long modify_index
+    cdef readonly unsigned long check_ttl_ms
+    cdef readonly unsigned long deregister_after_ms
     cdef uint8_t _address[16]
     cdef uint8_t _address_size
     cdef uint8_t _tag_count
@@ -212,8 +236,17 @@ cdef class RegistryStore:
     cdef Py_ssize_t _instance_count
     cdef readonly uint64_t index       # Raft index of the last change to any service
     cdef readonly uint64_t removed_index  # Raft index of the last change that removed a whole service
+    cdef set _changed                  # names of the services changed since take_changed()
+    cdef OwnerSlot* _owners
+    cdef Py_ssize_t _owner_capacity    # a power of two (or 0)
+    cdef Py_ssize_t _owner_count
 
     cdef int _check_index(self, uint64_t index) except -1
+    cdef uint32_t _owner_of(self, const unsigned char* instance_id, Py_ssize_t length) except? NO_STRING
+    cdef int _owner_add(self, const unsigned char* instance_id, Py_ssize_t length, uint32_t service) except -1
+    cdef int _owner_remove(self, const unsigned char* instance_id, Py_ssize_t length, uint32_t service) except -1
+    cdef int _owner_grow(self) except -1
+    cdef Instance* _find(self, str service, str instance_id)
     cdef int _fill_draft(self, Draft* draft, _Registration registration) except -1
     cdef int _release_words(self, const Instance* instance, const uint32_t* words) except -1
     cdef bint _put(self, uint64_t index, _Registration registration) except -1

@@ -16,6 +16,7 @@ MAX_META_VALUE_BYTES: int
 MAX_API_VERSIONS: int
 MAX_RANGE_COMPARATORS: int
 MAX_LOAD: int
+MAX_DURATION_MS: int
 MAX_WEIGHT: int
 STATUSES: tuple[str, str, str]
 
@@ -34,6 +35,7 @@ def encode_register(
     service: str, instance_id: str | None, address: str, port: int | None, *, version: str = "",
     api_versions: Iterable[str] = (), weight: int = 1, max_load: int = 0, zone: str = "", region: str = "",
     tags: Iterable[str] = (), meta: Mapping[str, str] | None = None, status: Status = "passing",
+    check_ttl_ms: int = 0, deregister_after_ms: int = 0,
 ) -> bytes: ...
 def encode_deregister(service: str, instance_id: str) -> bytes: ...
 def encode_set_status(service: str, instance_id: str, status: Status) -> bytes: ...
@@ -51,6 +53,10 @@ class InstanceView:
     zone: str
     region: str
     status: Status
+    create_index: int
+    modify_index: int
+    check_ttl_ms: int
+    deregister_after_ms: int
     @property
     def packed_address(self) -> bytes: ...
     @property
@@ -73,11 +79,18 @@ class RegistryStore:
         self, index: int, service: str, instance_id: str | None, address: str, port: int | None, *,
         version: str = "", api_versions: Iterable[str] = (), weight: int = 1, max_load: int = 0, zone: str = "",
         region: str = "", tags: Iterable[str] = (), meta: Mapping[str, str] | None = None,
-        status: Status = "passing",
+        status: Status = "passing", check_ttl_ms: int = 0, deregister_after_ms: int = 0,
     ) -> bool: ...
     def deregister(self, index: int, service: str, instance_id: str) -> bool: ...
     def set_status(self, index: int, service: str, instance_id: str, status: Status) -> bool: ...
     def report_load(self, service: str, instance_id: str, load: int) -> bool: ...
+    def owner_of(self, instance_id: str) -> str | None: ...
+    def take_changed(self) -> list[str]: ...
+    def touch(
+        self, service: str, instance_id: str, now_ms: int, status: Status, load: int | None = None
+    ) -> Status | None: ...
+    def reset_leases(self, now_ms: int) -> None: ...
+    def expired(self, now_ms: int) -> list[tuple[str, str, Literal["critical", "deregister"]]]: ...
     def instances(
         self, service: str, *, health: Health = "any", tags: Iterable[str] = (),
         version: str | VersionRange | None = None, api_version: str | None = None, near_zone: str | None = None,

@@ -2,7 +2,7 @@
 """Compact registry structures: the instance store, its queries and its commands; string interning
 and packed socket addresses.
 
-The store keeps every service's instances in one C array of 40-byte ``Instance`` structs sorted by
+The store keeps every service's instances in one C array of 72-byte ``Instance`` structs sorted by
 instance id, the variable parts (instance id, IPv6 address, tag / meta / API-version string ids) in a
 per-service word arena, and every repeated string once in its own reference-counted string table.
 It is a deterministic Raft state machine: ``apply(index, command)`` in log order, ``snapshot`` /
@@ -53,6 +53,7 @@ MAX_META_VALUE_BYTES = LIMIT_META_VALUE_BYTES
 MAX_API_VERSIONS = LIMIT_API_VERSIONS
 MAX_RANGE_COMPARATORS = LIMIT_RANGE_COMPARATORS
 MAX_LOAD = 0xFFFFFFFF
+MAX_DURATION_MS = 0xFFFFFFFF
 MAX_WEIGHT = 0xFFFF
 
 STATUSES = ("passing", "warning", "critical")
@@ -65,7 +66,8 @@ cdef enum:
     OP_REGISTER = 1
     OP_DEREGISTER = 2
     OP_SET_STATUS = 3
-    SNAPSHOT_FORMAT = 1
+    SNAPSHOT_FORMAT = 2
+    REGISTER_HEADER_BYTES = 18
     # Load ordering key: proximity tier above bit 48, and below it the complement of the weighted free
     # capacity, which is at most (2**32 - 1) * (2**16 - 1) < 2**48.
     SCORE_BITS = 48
@@ -503,7 +505,8 @@ cdef int _put_texts(_Buffer* buffer, object values, str field) except -1:
 
 cdef bytes _encode_register(object service, object instance_id, object address, object port, object version,
                             object api_versions, object weight, object max_load, object zone, object region,
-                            object tags, object meta, object status, bint validate):
+                            object tags, object meta, object status, object check_ttl_ms,
+                            object deregister_after_ms, bint validate):
     if not service:
         raise InvalidRegistration("service", "service name is missing")
     if port is None:
@@ -511,6 +514,8 @@ cdef bytes _encode_register(object service, object instance_id, object address, 
     cdef uint64_t port_number = _check_integer(port, "port", 1, 65535)
     cdef uint64_t weight_number = _check_integer(weight, "weight", 0, MAX_WEIGHT)
     cdef uint64_t max_load_number = _check_integer(max_load, "max_load", 0, MAX_LOAD)
+    cdef uint64_t ttl_number = _check_integer(check_ttl_ms, "check_ttl_ms", 0, MAX_DURATION_MS)
+    cdef uint64_t deregister_number = _check_integer(deregister_after_ms, "deregister_after_ms", 0, MAX_DURATION_MS)
     cdef uint8_t status_code = _status_code(status)
     family, packed_address = _parse_address(address)
     cdef bytes packed = packed_address
@@ -529,6 +534,8 @@ cdef bytes _encode_register(object service, object instance_id, object address, 
         _put_big_endian(&buffer, port_number, 2)
         _put_big_endian(&buffer, weight_number, 2)
         _put_big_endian(&buffer, max_load_number, 4)
+        _put_big_endian(&buffer, ttl_number, 4)
+        _put_big_endian(&buffer, deregister_number, 4)
         _put_bytes(&buffer, PyBytes_AS_STRING(packed), len(packed))
         _put_text(&buffer, service, "service")
         # Consul: a registration without an ID is identified by its service name.
@@ -552,13 +559,17 @@ cdef bytes _encode_register(object service, object instance_id, object address, 
 
 
 def encode_register(service, instance_id, address, port, *, version="", api_versions=(), weight=1, max_load=0,
-                    zone="", region="", tags=(), meta=None, status="passing") -> bytes:
+                    zone="", region="", tags=(), meta=None, status="passing", check_ttl_ms=0,
+                    deregister_after_ms=0) -> bytes:
     """The command registering (or replacing) one instance, validated: InvalidRegistration names the field.
 
-    An empty ``instance_id`` means the service name (Consul's default).
+    An empty ``instance_id`` means the service name (Consul's default). Instance ids are unique across
+    services: registering an id another service holds moves the instance (Consul's agent semantics).
+    ``check_ttl_ms`` > 0 gives the instance a heartbeat lease; ``deregister_after_ms`` > 0 removes it after
+    that long in critical.
     """
     return _encode_register(service, instance_id, address, port, version, api_versions, weight, max_load, zone,
-                            region, tags, meta, status, True)
+                            region, tags, meta, status, check_ttl_ms, deregister_after_ms, True)
 
 
 cdef bytes _encode_instance_command(uint8_t op, int status, object service, object instance_id):
@@ -612,19 +623,27 @@ cdef int _canonicalize(_Registration registration) except -1:
     return 0
 
 
+cdef inline void _read_fixed(_Registration registration, const unsigned char* fixed) noexcept:
+    """The fixed part of a register command and of a snapshot's instance (REGISTER_HEADER_BYTES)."""
+    registration.status = fixed[0]
+    registration.family = fixed[1]
+    registration.port = <uint16_t>_big_endian(fixed + 2, 2)
+    registration.weight = <uint16_t>_big_endian(fixed + 4, 2)
+    registration.max_load = <uint32_t>_big_endian(fixed + 6, 4)
+    registration.check_ttl_ms = <uint32_t>_big_endian(fixed + 10, 4)
+    registration.deregister_after_ms = <uint32_t>_big_endian(fixed + 14, 4)
+    registration.create_index = registration.modify_index = 0
+
+
 cdef _Registration _decode_register(const unsigned char* data, Py_ssize_t size):
     """Decode and validate a register command (after its op byte)."""
     cdef _Cursor cursor
     cursor.position = data
     cursor.end = data + size
     cdef _Registration registration = _Registration.__new__(_Registration)
-    cdef const unsigned char* fixed = _take(&cursor, 10, "register header")
+    cdef const unsigned char* fixed = _take(&cursor, REGISTER_HEADER_BYTES, "register header")
     cdef Py_ssize_t count, position, id_size
-    registration.status = fixed[0]
-    registration.family = fixed[1]
-    registration.port = <uint16_t>_big_endian(fixed + 2, 2)
-    registration.weight = <uint16_t>_big_endian(fixed + 4, 2)
-    registration.max_load = <uint32_t>_big_endian(fixed + 6, 4)
+    _read_fixed(registration, fixed)
     if registration.status > STATUS_CRITICAL:
         raise InvalidRegistration("status", f"status code {registration.status} is not one of {', '.join(STATUSES)}")
     if registration.family != 4 and registration.family != 6:
@@ -1047,9 +1066,105 @@ cdef class RegistryStore:
         self._instance_count = 0
         self.index = 0
         self.removed_index = 0
+        self._changed = set()
+        self._owners = NULL
+        self._owner_capacity = 0
+        self._owner_count = 0
 
     def __dealloc__(self):
         PyMem_Free(self._matches)
+        PyMem_Free(self._owners)
+
+    # --- instance id -> service (ids are unique across services) ----------------------------------------
+
+    cdef uint32_t _owner_of(self, const unsigned char* instance_id, Py_ssize_t length) except? NO_STRING:
+        """The string id of the service holding ``instance_id``, or NO_STRING."""
+        if self._owner_capacity == 0:
+            return NO_STRING
+        cdef uint32_t hash = _hash_id(instance_id, length)
+        cdef Py_ssize_t mask = self._owner_capacity - 1
+        cdef Py_ssize_t slot = hash & mask
+        cdef _Service candidate
+        cdef bint found
+        while self._owners[slot].service != 0:
+            if self._owners[slot].hash == hash:
+                candidate = self._services.get(self._table.text(self._owners[slot].service))
+                if candidate is not None:
+                    candidate.find(instance_id, length, &found)
+                    if found:
+                        return self._owners[slot].service
+            slot = (slot + 1) & mask
+        return NO_STRING
+
+    cdef int _owner_grow(self) except -1:
+        cdef Py_ssize_t capacity = self._owner_capacity * 2 if self._owner_capacity else 64
+        cdef OwnerSlot* old = self._owners
+        cdef Py_ssize_t old_capacity = self._owner_capacity, position, slot
+        cdef OwnerSlot* fresh = <OwnerSlot*>PyMem_Malloc(capacity * sizeof(OwnerSlot))
+        if fresh is NULL:
+            raise MemoryError()
+        memset(fresh, 0, capacity * sizeof(OwnerSlot))
+        for position in range(old_capacity):
+            if old[position].service != 0:
+                slot = old[position].hash & (capacity - 1)
+                while fresh[slot].service != 0:
+                    slot = (slot + 1) & (capacity - 1)
+                fresh[slot] = old[position]
+        self._owners = fresh
+        self._owner_capacity = capacity
+        PyMem_Free(old)
+        return 0
+
+    cdef int _owner_add(self, const unsigned char* instance_id, Py_ssize_t length, uint32_t service) except -1:
+        # Linear probing stays short below a load of 3/4.
+        if (self._owner_count + 1) * 4 > self._owner_capacity * 3:
+            self._owner_grow()
+        cdef uint32_t hash = _hash_id(instance_id, length)
+        cdef Py_ssize_t mask = self._owner_capacity - 1
+        cdef Py_ssize_t slot = hash & mask
+        while self._owners[slot].service != 0:
+            slot = (slot + 1) & mask
+        self._owners[slot].hash = hash
+        self._owners[slot].service = service
+        self._owner_count += 1
+        return 0
+
+    cdef int _owner_remove(self, const unsigned char* instance_id, Py_ssize_t length, uint32_t service) except -1:
+        # Two ids of one service with the same hash have identical slots: removing either one is right.
+        cdef uint32_t hash = _hash_id(instance_id, length)
+        cdef Py_ssize_t mask = self._owner_capacity - 1
+        cdef Py_ssize_t slot = hash & mask, hole, home
+        while self._owners[slot].service != 0:
+            if self._owners[slot].hash == hash and self._owners[slot].service == service:
+                break
+            slot = (slot + 1) & mask
+        else:
+            raise ValueError("registry owner table lost an instance id")
+        # Backward-shift deletion: pull later entries of the probe run into the hole so lookups never
+        # stop early at it.
+        hole = slot
+        slot = (slot + 1) & mask
+        while self._owners[slot].service != 0:
+            home = self._owners[slot].hash & mask
+            if ((slot - home) & mask) >= ((slot - hole) & mask):
+                self._owners[hole] = self._owners[slot]
+                hole = slot
+            slot = (slot + 1) & mask
+        self._owners[hole].service = 0
+        self._owners[hole].hash = 0
+        self._owner_count -= 1
+        return 0
+
+    def owner_of(self, str instance_id not None):
+        """The name of the service holding ``instance_id``, or None."""
+        cdef bytes encoded = instance_id.encode("utf-8")
+        cdef uint32_t service = self._owner_of(<const unsigned char*>PyBytes_AS_STRING(encoded), len(encoded))
+        return None if service == NO_STRING else self._table.text(service)
+
+    def take_changed(self) -> list:
+        """Names of the services changed (or removed) since the last call, for waking their watchers."""
+        changed, self._changed = self._changed, set()
+        return sorted(changed)
 
     # --- writes (called by the Raft state machine in log order) ------------------------------------------
 
@@ -1088,10 +1203,12 @@ cdef class RegistryStore:
         return self._set_status(index, service, instance_id, id_size, status)
 
     def register(self, uint64_t index, service, instance_id, address, port, *, version="", api_versions=(),
-                 weight=1, max_load=0, zone="", region="", tags=(), meta=None, status="passing") -> bool:
-        """Insert or replace one instance (by service and instance id); see ``encode_register``."""
+                 weight=1, max_load=0, zone="", region="", tags=(), meta=None, status="passing", check_ttl_ms=0,
+                 deregister_after_ms=0) -> bool:
+        """Insert or replace one instance (by instance id); see ``encode_register``."""
         return self.apply(index, _encode_register(service, instance_id, address, port, version, api_versions,
-                                                  weight, max_load, zone, region, tags, meta, status, False))
+                                                  weight, max_load, zone, region, tags, meta, status, check_ttl_ms,
+                                                  deregister_after_ms, False))
 
     def deregister(self, uint64_t index, str service not None, str instance_id not None) -> bool:
         self._check_index(index)
@@ -1132,6 +1249,8 @@ cdef class RegistryStore:
         instance.port = registration.port
         instance.weight = registration.weight
         instance.max_load = registration.max_load
+        instance.check_ttl_ms = registration.check_ttl_ms
+        instance.deregister_after_ms = registration.deregister_after_ms
         instance.tag_count = <uint8_t>tag_count
         instance.meta_count = <uint8_t>meta_count
         instance.api_count = <uint8_t>api_count
@@ -1176,6 +1295,15 @@ cdef class RegistryStore:
         return 0
 
     cdef bint _put(self, uint64_t index, _Registration registration) except -1:
+        cdef const unsigned char* instance_id = <const unsigned char*>PyBytes_AS_STRING(registration.instance_id)
+        cdef Py_ssize_t id_length = len(registration.instance_id)
+        cdef uint32_t owner = self._owner_of(instance_id, id_length)
+        cdef str owner_name
+        if owner != NO_STRING:
+            owner_name = self._table.text(owner)
+            if owner_name != registration.service:
+                # Consul: the id names the instance; registering it under another service moves it.
+                self._remove(index, owner_name, instance_id, id_length)
         cdef Draft draft
         self._fill_draft(&draft, registration)
         cdef _Service service = self._services.get(registration.service)
@@ -1184,6 +1312,8 @@ cdef class RegistryStore:
         cdef Py_ssize_t position
         cdef Instance* held
         cdef const uint32_t* held_words
+        draft.instance.create_index = registration.create_index or index
+        draft.instance.modify_index = registration.modify_index or index
         if service is None:
             service = _Service.__new__(_Service)
             service.name = table.acquire(registration.service)
@@ -1198,6 +1328,7 @@ cdef class RegistryStore:
                 self._release_words(&draft.instance, draft.words)
                 return False
             draft.instance.load = held.load
+            draft.instance.create_index = held.create_index
             tags_changed = service.count_tags(draft.words + _tags_at(&draft.instance), draft.instance.tag_count, 1)
             tags_changed |= service.count_tags(held_words + _tags_at(held), held.tag_count, -1)
             self._release_words(held, held_words)
@@ -1206,10 +1337,12 @@ cdef class RegistryStore:
             service.insert_at(position, &draft)
             tags_changed = service.count_tags(draft.words + _tags_at(&draft.instance), draft.instance.tag_count, 1)
             self._instance_count += 1
+            self._owner_add(instance_id, id_length, service.name)
         if tags_changed:
             self._catalog_tags.pop(registration.service, None)
         service.modify_index = index
         self.index = index
+        self._changed.add(table.text(service.name))
         return True
 
     cdef bint _remove(self, uint64_t index, str name, const unsigned char* instance_id, Py_ssize_t length) except -1:
@@ -1224,6 +1357,7 @@ cdef class RegistryStore:
         cdef const uint32_t* held_words = service.words + held.var_offset
         if service.count_tags(held_words + _tags_at(held), held.tag_count, -1):
             self._catalog_tags.pop(name, None)
+        self._owner_remove(instance_id, length, service.name)
         self._release_words(held, held_words)
         service.remove_at(position)
         self._instance_count -= 1
@@ -1237,6 +1371,7 @@ cdef class RegistryStore:
         else:
             service.modify_index = index
         self.index = index
+        self._changed.add(name)
         return True
 
     cdef bint _set_status(self, uint64_t index, str name, const unsigned char* instance_id, Py_ssize_t length,
@@ -1249,8 +1384,10 @@ cdef class RegistryStore:
         if not found or service.instances[position].status == status:
             return False
         service.instances[position].status = status
+        service.instances[position].modify_index = index
         service.modify_index = index
         self.index = index
+        self._changed.add(name)
         return True
 
     # --- reads ------------------------------------------------------------------------------------------------
@@ -1269,6 +1406,10 @@ cdef class RegistryStore:
         view.service = name
         view.instance_id = PyUnicode_DecodeUTF8(<const char*>words, instance.id_length, NULL)
         view.port = instance.port
+        view.create_index = instance.create_index
+        view.modify_index = instance.modify_index
+        view.check_ttl_ms = instance.check_ttl_ms
+        view.deregister_after_ms = instance.deregister_after_ms
         view.version = table.text(instance.version)
         view.weight = instance.weight
         view.max_load = instance.max_load
@@ -1419,6 +1560,73 @@ cdef class RegistryStore:
             total += found.memory_bytes()
         return total
 
+    # --- heartbeat leases (leader-local: never replicated, hashed or snapshotted) --------------------------------
+
+    cdef Instance* _find(self, str service, str instance_id):
+        cdef _Service found = self._services.get(service)
+        if found is None:
+            return NULL
+        cdef Py_ssize_t position = _position_of(found, instance_id)
+        return &found.instances[position] if position >= 0 else NULL
+
+    def touch(self, str service not None, str instance_id not None, uint64_t now_ms, str status not None,
+              load=None):
+        """A heartbeat reaching the leader at ``now_ms``: passing/warning renews the lease for the instance's
+        TTL, critical starts its critical time (unless it is already running); ``load`` is recorded.
+
+        Returns the instance's replicated status as it was (the caller proposes a change if it differs),
+        or None for an unknown instance.
+        """
+        cdef uint8_t code = _status_code(status)
+        cdef uint32_t load_value = <uint32_t>_check_integer(load, "load", 0, MAX_LOAD) if load is not None else 0
+        cdef Instance* instance = self._find(service, instance_id)
+        if instance is NULL:
+            return None
+        if load is not None:
+            instance.load = load_value
+        if code == STATUS_CRITICAL:
+            if instance.status != STATUS_CRITICAL or instance.lease_deadline > now_ms or instance.lease_deadline == 0:
+                instance.lease_deadline = now_ms
+        else:
+            instance.lease_deadline = now_ms + instance.check_ttl_ms
+        return _STATUS_NAMES[instance.status]
+
+    def reset_leases(self, uint64_t now_ms) -> None:
+        """Start every lease afresh at ``now_ms``: what a new leader does, since leases are leader-local."""
+        cdef _Service found
+        cdef Instance* instance
+        cdef uint32_t slot
+        for found in self._services.values():
+            for slot in range(found.count):
+                instance = &found.instances[slot]
+                instance.lease_deadline = now_ms if instance.status == STATUS_CRITICAL \
+                    else now_ms + instance.check_ttl_ms
+
+    def expired(self, uint64_t now_ms) -> list:
+        """The staged transitions due at ``now_ms``: [(service, instance_id, "critical" | "deregister")].
+
+        A passing or warning instance whose TTL lease ran out becomes critical; one critical for its
+        ``deregister_after_ms`` is removed. Leases not yet started start now.
+        """
+        cdef list due = []
+        cdef _Service found
+        cdef Instance* instance
+        cdef uint32_t slot
+        for name, found in self._services.items():
+            for slot in range(found.count):
+                instance = &found.instances[slot]
+                if instance.lease_deadline == 0:
+                    instance.lease_deadline = now_ms if instance.status == STATUS_CRITICAL \
+                        else now_ms + instance.check_ttl_ms
+                elif instance.status != STATUS_CRITICAL:
+                    if instance.check_ttl_ms and now_ms >= instance.lease_deadline:
+                        due.append((name, PyUnicode_DecodeUTF8(<const char*>(found.words + instance.var_offset),
+                                                               instance.id_length, NULL), "critical"))
+                elif instance.deregister_after_ms and now_ms >= instance.lease_deadline + instance.deregister_after_ms:
+                    due.append((name, PyUnicode_DecodeUTF8(<const char*>(found.words + instance.var_offset),
+                                                           instance.id_length, NULL), "deregister"))
+        return due
+
     # --- snapshot ----------------------------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
@@ -1464,6 +1672,10 @@ cdef class RegistryStore:
                     _put_big_endian(&buffer, instance.port, 2)
                     _put_big_endian(&buffer, instance.weight, 2)
                     _put_big_endian(&buffer, instance.max_load, 4)
+                    _put_big_endian(&buffer, instance.check_ttl_ms, 4)
+                    _put_big_endian(&buffer, instance.deregister_after_ms, 4)
+                    _put_big_endian(&buffer, instance.create_index, 8)
+                    _put_big_endian(&buffer, instance.modify_index, 8)
                     if instance.family == 4:
                         _put_bytes(&buffer, instance.ipv4, 4)
                     else:
@@ -1495,7 +1707,7 @@ cdef class RegistryStore:
         cursor.end = data + size
         if memcmp(_take(&cursor, 5, "snapshot header"), PyBytes_AS_STRING(_SNAPSHOT_MAGIC), 4) != 0 \
                 or data[4] != SNAPSHOT_FORMAT:
-            raise ValueError("not a registry snapshot (format 1)")
+            raise ValueError(f"not a registry snapshot (format {SNAPSHOT_FORMAT})")
         cdef uint64_t index = _big_endian(_take(&cursor, 8, "snapshot index"), 8)
         cdef uint64_t removed_index = _big_endian(_take(&cursor, 8, "snapshot index"), 8)
         cdef Py_ssize_t count = _take_count(&cursor, "snapshot strings"), position, service_count, instance_count
@@ -1521,12 +1733,12 @@ cdef class RegistryStore:
                 id_size = _take_count(&cursor, "instance_id")
                 registration.instance_id = PyBytes_FromStringAndSize(
                     <char*>_take(&cursor, id_size, "instance_id"), id_size)
-                fixed = _take(&cursor, 10, "instance")
-                registration.status = fixed[0]
-                registration.family = fixed[1]
-                registration.port = <uint16_t>_big_endian(fixed + 2, 2)
-                registration.weight = <uint16_t>_big_endian(fixed + 4, 2)
-                registration.max_load = <uint32_t>_big_endian(fixed + 6, 4)
+                fixed = _take(&cursor, REGISTER_HEADER_BYTES + 16, "instance")
+                _read_fixed(registration, fixed)
+                registration.create_index = _big_endian(fixed + REGISTER_HEADER_BYTES, 8)
+                registration.modify_index = _big_endian(fixed + REGISTER_HEADER_BYTES + 8, 8)
+                if registration.create_index == 0 or registration.modify_index < registration.create_index:
+                    raise ValueError(f"snapshot: instance of {name!r} has bad create/modify indexes")
                 if registration.status > STATUS_CRITICAL or (registration.family != 4 and registration.family != 6):
                     raise ValueError(f"snapshot: instance of {name!r} has a bad status or address family")
                 registration.address = PyBytes_FromStringAndSize(
@@ -1563,6 +1775,11 @@ cdef class RegistryStore:
         fresh._load(&data[0], data.shape[0])
         self._table, fresh._table = fresh._table, self._table
         self._services, fresh._services = fresh._services, self._services
+        self._owners, fresh._owners = fresh._owners, self._owners
+        self._owner_capacity, fresh._owner_capacity = fresh._owner_capacity, self._owner_capacity
+        self._owner_count, fresh._owner_count = fresh._owner_count, self._owner_count
+        # Every watcher must look again: any service may have changed.
+        self._changed = set(fresh._services) | set(self._services)
         self._instance_count = fresh._instance_count
         self._sorted_names = None
         self._catalog_tags = {}
@@ -1572,6 +1789,15 @@ cdef class RegistryStore:
     def state_hash(self) -> str:
         """A digest of the replicated state, equal on every node that applied the same log."""
         return hashlib.sha256(self.snapshot()).hexdigest()
+
+
+cdef inline uint32_t _hash_id(const unsigned char* data, Py_ssize_t length) noexcept nogil:
+    # FNV-1a: instance ids are short, and a collision only costs one more probe.
+    cdef uint32_t hash = 2166136261u
+    cdef Py_ssize_t position
+    for position in range(length):
+        hash = (hash ^ data[position]) * 16777619u
+    return hash
 
 
 cdef Py_ssize_t _position_of(_Service service, str instance_id) except -2:
@@ -1612,7 +1838,8 @@ cdef bint _same_instance(const Instance* held, const uint32_t* held_words, const
             or held.max_load != draft.max_load or held.port != draft.port or held.weight != draft.weight
             or held.id_length != draft.id_length or held.family != draft.family or held.status != draft.status
             or held.tag_count != draft.tag_count or held.meta_count != draft.meta_count
-            or held.api_count != draft.api_count or memcmp(held.ipv4, draft.ipv4, 4) != 0):
+            or held.api_count != draft.api_count or memcmp(held.ipv4, draft.ipv4, 4) != 0
+            or held.check_ttl_ms != draft.check_ttl_ms or held.deregister_after_ms != draft.deregister_after_ms):
         return False
     return memcmp(held_words, draft_words, draft_word_count * sizeof(uint32_t)) == 0
 

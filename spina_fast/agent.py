@@ -9,16 +9,19 @@ import os
 import uuid
 from pathlib import Path
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from spina_fast.api.fast_http import FastHTTPServer
 from spina_fast.api.http import build_app
+from spina_fast.api.registry import server_registration
 from spina_fast.config import AgentConfig
-from spina_fast.errors import InvalidRequest, Unavailable
+from spina_fast.errors import InvalidRequest, SpinaError, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
 from spina_fast.raft.node import RaftNode
-from spina_fast.state import ReplicatedState
+from spina_fast.registry.leases import LeaseKeeper
+from spina_fast.state import ReplicatedState, encode_registry_batch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Agent:
         self._node: RaftNode | None = None
         self._runner: web.AppRunner | None = None
         self._http: FastHTTPServer | None = None
+        self._leases: LeaseKeeper | None = None
+        self._http_client: aiohttp.ClientSession | None = None
+        self._background: list[asyncio.Task[None]] = []
         self.bound_http_addr = config.http_addr
         # DNS arrives with the discovery front ends; until then the configured address is reported.
         self.bound_dns_addr = config.dns_addr
@@ -79,6 +85,18 @@ class Agent:
         if self._node is None:
             raise Unavailable("the agent is not running")
         return self._node
+
+    @property
+    def leases(self) -> LeaseKeeper:
+        if self._leases is None:
+            raise Unavailable("the agent is not running")
+        return self._leases
+
+    def http_client(self) -> aiohttp.ClientSession:
+        """One pooled client for the requests this agent makes to others (heartbeats forwarded to the leader)."""
+        if self._http_client is None or self._http_client.closed:
+            self._http_client = aiohttp.ClientSession()
+        return self._http_client
 
     @property
     def node_uuid(self) -> str:
@@ -103,6 +121,8 @@ class Agent:
                                   tick_seconds=config.tick_seconds, election_ticks=config.election_ticks,
                                   heartbeat_ticks=config.heartbeat_ticks, fsync=config.fsync)
             self.bound_raft_addr = await self._node.start()
+            self._leases = LeaseKeeper(self._node, self.state.registry)
+            self._leases.start()
             # One listening port: the fast front end serves the hot routes and hands every other
             # connection to the aiohttp application (its runner has no site of its own).
             self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
@@ -114,6 +134,7 @@ class Agent:
             if not config.peers:
                 # A single voter elects itself within one election timeout; wait so "ready" means writable.
                 await self._wait_for_leader(timeout=10.0)
+            self._background.append(asyncio.get_running_loop().create_task(self._register_self()))
         except BaseException:
             await self.stop()
             raise
@@ -127,11 +148,35 @@ class Agent:
                 raise Unavailable(f"no leader elected within {timeout:g}s")
             await asyncio.sleep(0.01)
 
+    async def _register_self(self) -> None:
+        """Put this agent into the catalog (service ``spina``), retrying until a leader takes it."""
+        command = encode_registry_batch([server_registration(self)])
+        delay = 0.05
+        while True:
+            if self._node is not None and self._node.leader_id:
+                try:
+                    await self._node.propose(command)
+                    return
+                except SpinaError as exc:
+                    log.debug("self-registration not committed yet", extra={"error": exc.message})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     def ready_line(self) -> str:
         return (f"spina agent ready http={self.bound_http_addr} dns={self.bound_dns_addr} "
                 f"raft={self.bound_raft_addr} leader={self.leader_address()}")
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        if self._leases is not None:
+            await self._leases.stop()
+            self._leases = None
+        if self._http_client is not None:
+            await self._http_client.close()
+            self._http_client = None
         if self._http is not None:
             await self._http.close()
             self._http = None

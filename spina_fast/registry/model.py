@@ -23,7 +23,7 @@ class Registrar(Protocol):
     def register(self, index: int, service: str, instance_id: str | None, address: str, port: int | None, *,
                  version: str = "", api_versions: Any = (), weight: int = 1, max_load: int = 0, zone: str = "",
                  region: str = "", tags: Any = (), meta: Mapping[str, str] | None = None,
-                 status: Status = "passing") -> bool: ...
+                 status: Status = "passing", check_ttl_ms: int = 0, deregister_after_ms: int = 0) -> bool: ...
 
 
 class InstanceLike(Protocol):
@@ -71,6 +71,18 @@ class InstanceLike(Protocol):
     @property
     def status(self) -> str: ...
 
+    @property
+    def check_ttl_ms(self) -> int: ...
+
+    @property
+    def deregister_after_ms(self) -> int: ...
+
+    @property
+    def create_index(self) -> int: ...
+
+    @property
+    def modify_index(self) -> int: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Registration:
@@ -89,13 +101,16 @@ class Registration:
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=dict)
     status: Status = "passing"
+    check_ttl_ms: int = 0
+    deregister_after_ms: int = 0
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments of ``register`` beyond service, instance id, address and port."""
         return {
             "version": self.version, "api_versions": self.api_versions, "weight": self.weight,
             "max_load": self.max_load, "zone": self.zone, "region": self.region, "tags": self.tags,
-            "meta": self.meta, "status": self.status,
+            "meta": self.meta, "status": self.status, "check_ttl_ms": self.check_ttl_ms,
+            "deregister_after_ms": self.deregister_after_ms,
         }
 
     def document(self) -> dict[str, Any]:
@@ -114,7 +129,8 @@ def describe(instance: InstanceLike) -> tuple[Any, ...]:
     """The comparable content of an answered instance (the address compared in its packed form)."""
     return (instance.service, instance.instance_id, instance.packed_address, instance.port, instance.version,
             instance.api_versions, instance.weight, instance.max_load, instance.load, instance.zone,
-            instance.region, instance.tags, tuple(sorted(instance.meta.items())), instance.status)
+            instance.region, instance.tags, tuple(sorted(instance.meta.items())), instance.status,
+            instance.check_ttl_ms, instance.deregister_after_ms, instance.create_index, instance.modify_index)
 
 
 # --- a seeded workload of typical registrations --------------------------------------------------------

@@ -85,11 +85,15 @@ class ReferenceInstance:
     tags: tuple[str, ...]
     meta: dict[str, str]
     status: str
+    check_ttl_ms: int = 0
+    deregister_after_ms: int = 0
+    create_index: int = 0
+    modify_index: int = 0
 
     def replicated(self) -> tuple[object, ...]:
-        """Everything but the leader-local load."""
+        """The registered content: everything but the leader-local load and the indexes."""
         return (self.packed_address, self.version, self.api_versions, self.weight, self.max_load, self.zone,
-                self.region, self.tags, self.meta, self.status)
+                self.region, self.tags, self.meta, self.status, self.check_ttl_ms, self.deregister_after_ms)
 
 
 class ReferenceRegistry:
@@ -111,23 +115,30 @@ class ReferenceRegistry:
     def register(self, index: int, service: str, instance_id: str | None, address: str, port: int | None, *,
                  version: str = "", api_versions: Iterable[str] = (), weight: int = 1, max_load: int = 0,
                  zone: str = "", region: str = "", tags: Iterable[str] = (), meta: Mapping[str, str] | None = None,
-                 status: str = "passing") -> bool:
+                 status: str = "passing", check_ttl_ms: int = 0, deregister_after_ms: int = 0) -> bool:
         self._check_index(index)
         if port is None:
             raise ValueError("port is missing")
         instance_id = instance_id or service
+        owner = self.owner_of(instance_id)
+        if owner is not None and owner != service:
+            # Instance ids are unique across services: registering one elsewhere moves it.
+            self.deregister(index, owner, instance_id)
         packed = ipaddress.ip_address(address).packed + port.to_bytes(2, "big")
         instance = ReferenceInstance(
             service=service, instance_id=instance_id, address=address, packed_address=packed, port=port,
             version=version, version_key=version_key(version) if version else None,
             api_versions=tuple(sorted(set(api_versions))), weight=weight, max_load=max_load, load=0, zone=zone,
-            region=region, tags=tuple(dict.fromkeys(tags)), meta=dict(sorted((meta or {}).items())), status=status)
+            region=region, tags=tuple(dict.fromkeys(tags)), meta=dict(sorted((meta or {}).items())), status=status,
+            check_ttl_ms=check_ttl_ms, deregister_after_ms=deregister_after_ms, create_index=index,
+            modify_index=index)
         instances = self._services.setdefault(service, {})
         held = instances.get(instance_id)
         if held is not None:
             if held.replicated() == instance.replicated():
                 return False
             instance.load = held.load
+            instance.create_index = held.create_index
         instances[instance_id] = instance
         return self._changed(index, service)
 
@@ -149,6 +160,7 @@ class ReferenceRegistry:
         if held is None or held.status == status:
             return False
         held.status = status
+        held.modify_index = index
         return self._changed(index, service)
 
     def report_load(self, service: str, instance_id: str, load: int) -> bool:
@@ -182,6 +194,9 @@ class ReferenceRegistry:
 
         found.sort(key=order)
         return found[:limit] if limit else found
+
+    def owner_of(self, instance_id: str) -> str | None:
+        return next((name for name, instances in self._services.items() if instance_id in instances), None)
 
     def get(self, service: str, instance_id: str) -> ReferenceInstance | None:
         return self._services.get(service, {}).get(instance_id)
