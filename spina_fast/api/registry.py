@@ -199,7 +199,7 @@ def consul_registration(document: object, caller_address: str) -> bytes:
     for item in checks:
         if item.get("ttl") is None:
             if any(item.get(kind) for kind in ("http", "tcp", "grpc", "script", "args", "dockercontainerid")):
-                raise InvalidRequest("only TTL checks are supported; heartbeat with /v1/agent/check/pass",
+                raise InvalidRequest("Check: only TTL checks are supported (heartbeat with /v1/agent/check/pass)",
                                      field="Check")
             continue
         ttl_ms = parse_duration_ms(item["ttl"], "Check.TTL")

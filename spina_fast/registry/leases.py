@@ -42,9 +42,9 @@ class LeaseKeeper:
         self.registry = registry
         self.clock = clock
         self.sweep_seconds = sweep_seconds
-        # Instances with a transition proposed and not yet applied: not proposed twice, and a heartbeat
-        # racing with an expiry proposes its own status after it.
-        self._in_flight: set[str] = set()
+        # Instances with a transition proposed and not yet applied, by the proposal: not proposed twice,
+        # and a heartbeat racing with an expiry waits for it and then proposes its own status.
+        self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._was_leader = False
         self._task: asyncio.Task[None] | None = None
 
@@ -87,8 +87,8 @@ class LeaseKeeper:
                         else encode_set_status(service, instance_id, "critical")
                         for service, instance_id, action in batch]
             ids = [instance_id for _, instance_id, _ in batch]
-            self._in_flight.update(ids)
-            asyncio.get_running_loop().create_task(self._propose(encode_registry_batch(commands), ids))
+            task = asyncio.get_running_loop().create_task(self._propose(encode_registry_batch(commands), ids))
+            self._in_flight.update(dict.fromkeys(ids, task))
             log.info("lease transitions proposed", extra={
                 "critical": sum(action == "critical" for *_, action in batch),
                 "deregister": sum(action == "deregister" for *_, action in batch)})
@@ -102,7 +102,8 @@ class LeaseKeeper:
             log.warning("lease transition not committed", extra={"error": exc.message})
             return None
         finally:
-            self._in_flight.difference_update(ids)
+            for instance_id in ids:
+                self._in_flight.pop(instance_id, None)
 
     async def heartbeat(self, instance_id: str, status: Status = "passing", load: int | None = None) -> str:
         """A heartbeat on the leader: renew the lease, and replicate the status if it changes.
@@ -117,6 +118,17 @@ class LeaseKeeper:
         held = self.registry.touch(service, instance_id, self.clock(), status, load)
         if held is None:
             raise NotFound(f"no instance {instance_id!r} is registered")
-        if held != status or instance_id in self._in_flight:
+        racing = self._in_flight.get(instance_id)
+        if racing is not None:
+            # An expiry is on its way into the log: let it land, then say what this heartbeat says.
+            await asyncio.wait([racing])
+            held = self._applied_status(service, instance_id)
+            if held is None:
+                raise NotFound(f"instance {instance_id!r} was deregistered (critical for too long)")
+        if held != status:
             await self.node.propose(encode_registry_batch([encode_set_status(service, instance_id, status)]))
         return service
+
+    def _applied_status(self, service: str, instance_id: str) -> Status | None:
+        view = self.registry.get(service, instance_id)
+        return view.status if view is not None else None

@@ -43,6 +43,8 @@ registrations = st.fixed_dictionaries({
     "tags": st.lists(st.sampled_from(TAGS), max_size=5),
     "meta": st.dictionaries(st.sampled_from(["k1", "k2", "k3"]), st.sampled_from(["", "x", "y", "ü"]), max_size=3),
     "status": st.sampled_from(["passing", "warning", "critical"]),
+    "check_ttl_ms": st.sampled_from([0, 1000, 30_000]),
+    "deregister_after_ms": st.sampled_from([0, 60_000]),
 })
 # One bad field per refused registration; the store must refuse it and keep its state.
 refusals = st.sampled_from([
@@ -118,6 +120,9 @@ def assert_same_catalog(store: RegistryStore, reference: ReferenceRegistry) -> N
         for instance_id in INSTANCE_IDS:
             held, expected = store.get(service, instance_id), reference.get(service, instance_id)
             assert (describe(held) if held else None) == (describe(expected) if expected else None)
+    for instance_id in INSTANCE_IDS:
+        # Ids are unique across services: registering one under another service moved it.
+        assert store.owner_of(instance_id) == reference.owner_of(instance_id)
 
 
 def assert_same_answers(store: RegistryStore, reference: ReferenceRegistry, query_list: list[dict[str, Any]]) -> None:
