@@ -15,7 +15,7 @@ from aiohttp import web
 
 from spina_fast.api.fast_http import FastHTTPServer
 from spina_fast.api.http import build_app
-from spina_fast.api.registry import server_registration
+from spina_fast.api.registry import ResponseCache, server_registration
 from spina_fast.config import AgentConfig
 from spina_fast.errors import InvalidRequest, SpinaError, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
@@ -68,6 +68,7 @@ class Agent:
         self.config = config
         self.metrics = AgentMetrics()
         self.state = ReplicatedState()
+        self.responses = ResponseCache()
         self._data_dir: DataDir | None = None
         self._node: RaftNode | None = None
         self._runner: web.AppRunner | None = None

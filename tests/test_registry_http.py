@@ -290,3 +290,20 @@ def _leader_among(cluster: Cluster, node_ids: list[str]) -> str | None:
                 if leader.endswith(f":{cluster.raft_ports[candidate]}"):
                     return candidate
     return None
+
+
+def test_fast_front_end_and_aiohttp_give_the_same_lookup_answers(agent: AgentProcess, client: consul.Consul) -> None:
+    client.agent.service.register("same", service_id="same-1", address="10.8.0.1", port=81, tags=["a"])
+    client.agent.service.register("same", service_id="same-2", address="10.8.0.2", port=82, tags=["a", "b"])
+    paths = ["/v1/health/service/same", "/v1/health/service/same?passing&tag=a&tag=b", "/v1/catalog/service/same",
+             "/v1/catalog/services", "/v1/agent/services", "/v1/spina/services/same?tag=b",
+             "/v1/health/service/nobody"]
+    for path in paths:
+        answers = []
+        # Any X-Spina-* header sends the request to aiohttp; without it the fast front end answers.
+        for headers in ({}, {"X-Spina-Author": "test"}):
+            request = urllib.request.Request(agent.base_url + path, headers=headers)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answers.append((response.status, response.headers["X-Consul-Index"],
+                                response.headers["Content-Type"].split(";")[0], json.loads(response.read())))
+        assert answers[0] == answers[1], path

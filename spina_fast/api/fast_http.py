@@ -1,12 +1,15 @@
 """The agent's HTTP front end: a raw asyncio protocol serving the hot routes, aiohttp for the rest.
 
-Hot routes (``GET|PUT|DELETE /v1/kv/<key>``, ``GET /v1/status/leader``, ``GET /v1/status/peers``) are
-parsed by the Cython ``_http`` module and answered here, with the endpoint logic of ``api/kv.py`` and
-``api/http.py`` (one implementation, two servers). The first request on a connection that is not a hot
-route (or that uses HTTP the strict parser leaves to aiohttp: chunked bodies, Upgrade, other versions,
-targets aiohttp decodes its own way) hands the connection over to aiohttp's ``RequestHandler`` for the
-rest of its life: the transport is switched to it and fed the bytes not yet consumed. So one listening
-port serves both, and aiohttp keeps every behaviour it had.
+Hot routes (``GET|PUT|DELETE /v1/kv/<key>``, ``GET /v1/status/leader``, ``GET /v1/status/peers``, and
+the discovery lookups ``GET /v1/health/service/<name>``, ``/v1/catalog/service/<name>``,
+``/v1/catalog/services``, ``/v1/agent/services``, ``/v1/spina/services/<name>``) are parsed by the Cython
+``_http`` module and answered here, with the endpoint logic of ``api/kv.py``, ``api/registry.py`` (whose
+lookups come from a cache of encoded answers) and ``api/http.py`` (one implementation, two servers).
+The first request on a connection that is not a hot route (or that uses HTTP the strict parser leaves to
+aiohttp: chunked bodies, Upgrade, other versions, targets aiohttp decodes its own way) hands the
+connection over to aiohttp's ``RequestHandler`` for the rest of its life: the transport is switched to
+it and fed the bytes not yet consumed. So one listening port serves both, and aiohttp keeps every
+behaviour it had.
 
 HTTP/1.1 as RFC 9112 wants it: keep-alive by default (HTTP/1.0 only on request), pipelined requests
 answered in order even when a later one finishes first (a queue of response slots, written in one
@@ -25,9 +28,12 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl
+
+from multidict import MultiDict
 
 from spina_fast._http import RequestHead, encode_response, parse_head, parse_query
-from spina_fast.api import kv
+from spina_fast.api import kv, registry
 from spina_fast.api.http import INTERNAL_ERROR, ROUTE_STATUS_LEADER, ROUTE_STATUS_PEERS, status_leader, status_peers
 from spina_fast.api.responses import Reply, spina_error_reply
 from spina_fast.config import HostPort
@@ -55,9 +61,18 @@ LINGER_SECONDS = 2.0
 _KV_PREFIX = "/v1/kv/"
 _KV_PREFIX_LENGTH = len(_KV_PREFIX)
 _ROUTE_KV, _ROUTE_LEADER, _ROUTE_PEERS = 1, 2, 3
-_ROUTE_NAMES = {_ROUTE_KV: kv.ROUTE, _ROUTE_LEADER: ROUTE_STATUS_LEADER, _ROUTE_PEERS: ROUTE_STATUS_PEERS}
-_STATUS_PATHS = {ROUTE_STATUS_LEADER: _ROUTE_LEADER, ROUTE_STATUS_PEERS: _ROUTE_PEERS}
+# Discovery lookups: route = _ROUTE_DISCOVERY + the registry endpoint kind.
+_ROUTE_DISCOVERY = 16
+_ROUTE_NAMES = {_ROUTE_KV: kv.ROUTE, _ROUTE_LEADER: ROUTE_STATUS_LEADER, _ROUTE_PEERS: ROUTE_STATUS_PEERS,
+                **{_ROUTE_DISCOVERY + kind: route for kind, route in registry.ROUTES.items()}}
+_EXACT_GET_PATHS = {ROUTE_STATUS_LEADER: _ROUTE_LEADER, ROUTE_STATUS_PEERS: _ROUTE_PEERS,
+                    "/v1/catalog/services": _ROUTE_DISCOVERY + registry.CATALOG_SERVICES,
+                    "/v1/agent/services": _ROUTE_DISCOVERY + registry.AGENT_SERVICES}
+# (prefix, kind): the rest of the path is the service name.
+_NAMED_LOOKUPS = (("/v1/health/service/", registry.HEALTH), ("/v1/catalog/service/", registry.CATALOG_SERVICE),
+                  ("/v1/spina/services/", registry.NATIVE))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_QUERY: MultiDict[str] = MultiDict()
 
 
 class _Slot:
@@ -251,8 +266,14 @@ class FastHTTPProtocol(asyncio.Protocol):
             if method == "PUT" or (method in ("GET", "DELETE") and head.content_length <= MAX_IGNORED_BODY_BYTES):
                 return _ROUTE_KV
             return 0
-        if method == "GET" and head.escape_offset < 0:
-            return _STATUS_PATHS.get(path, 0)
+        if method == "GET" and head.escape_offset < 0 and head.content_length <= MAX_IGNORED_BODY_BYTES:
+            route = _EXACT_GET_PATHS.get(path, 0)
+            if route:
+                return route
+            for prefix, kind in _NAMED_LOOKUPS:
+                # A name with a "/" is not a route of aiohttp's either: it answers the 404.
+                if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix):]:
+                    return _ROUTE_DISCOVERY + kind
         return 0
 
     def _start_body(self, head: RequestHead, route: int, available: int) -> bool:
@@ -297,6 +318,16 @@ class FastHTTPProtocol(asyncio.Protocol):
                     return
                 else:
                     self._await(head, route, started, kv.delete(agent, key, query))
+                    return
+            elif route >= _ROUTE_DISCOVERY:
+                kind = route - _ROUTE_DISCOVERY
+                lookup = MultiDict(parse_qsl(head.query, keep_blank_values=True)) if head.query else _NO_QUERY
+                name = head.path[len(_NAMED_LOOKUPS[0][0]):] if kind == registry.HEALTH else \
+                    head.path.rpartition("/")[2]
+                if registry.answers_at_once(lookup):
+                    reply = registry.read(agent, kind, name, lookup)
+                else:
+                    self._await(head, route, started, registry.get(agent, kind, name, lookup))
                     return
             elif route == _ROUTE_LEADER:
                 reply = status_leader(agent)

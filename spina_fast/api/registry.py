@@ -36,7 +36,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -45,7 +45,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from spina_fast.api.kv import apply_consistency, parse_uint, parse_wait, read_headers
-from spina_fast.api.responses import AGENT_KEY, Reply, json_reply, web_response
+from spina_fast.api.responses import AGENT_KEY, JSON, Reply, json_reply, web_response
 from spina_fast.errors import InvalidRequest, NotFound, NotLeader, Unavailable
 from spina_fast.registry import STATUSES, InstanceView, InvalidRegistration, encode_deregister, encode_register
 from spina_fast.registry.watch import CATALOG
@@ -351,47 +351,107 @@ def _tags(query: Query) -> list[str]:
     return [tag for tag in query.getall("tag", []) if tag]
 
 
-def health_service(agent: Agent, name: str, query: Query) -> Reply:
-    views = agent.state.registry.instances(name, health="passing" if "passing" in query else "any",
-                                           tags=_tags(query))
-    return json_reply([health_entry(agent, view) for view in views], headers=_headers(agent, name))
+class ResponseCache:
+    """Encoded lookup answers by (endpoint, service, filter), valid while the service's index is unchanged.
+
+    A lookup is encoded once per change of its service and then served as stored bytes; only the
+    per-request headers (index, leader contact) are built each time. Bounded: the oldest half goes when full.
+    """
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self._entries: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        self.hits = self.misses = 0
+
+    def body(self, key: tuple[Any, ...], index: int, encode: Callable[[], bytes]) -> bytes:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == index:
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        body = encode()
+        if len(self._entries) >= self.limit:
+            for stale in list(self._entries)[:self.limit // 2]:
+                del self._entries[stale]
+        self._entries[key] = (index, body)
+        return body
 
 
-def catalog_service_reply(agent: Agent, name: str, query: Query) -> Reply:
-    views = agent.state.registry.instances(name, tags=_tags(query))
-    return json_reply([catalog_service(agent, view) for view in views], headers=_headers(agent, name))
-
-
-def catalog_services(agent: Agent) -> Reply:
-    return json_reply({name: list(tags) for name, tags in agent.state.registry.services().items()},
-                      headers=_headers(agent, CATALOG))
-
-
-def agent_services(agent: Agent) -> Reply:
-    registry = agent.state.registry
-    services = {view.instance_id: agent_service(view)
-                for name in registry.services() for view in registry.instances(name)}
-    return json_reply(services, headers=_headers(agent, CATALOG))
-
-
+# Endpoint kinds: the fast front end and the aiohttp routes both answer through ``read`` / ``get``.
+HEALTH, CATALOG_SERVICE, CATALOG_SERVICES, AGENT_SERVICES, NATIVE = range(5)
+ROUTES = {HEALTH: "/v1/health/service/{name}", CATALOG_SERVICE: "/v1/catalog/service/{name}",
+          CATALOG_SERVICES: "/v1/catalog/services", AGENT_SERVICES: "/v1/agent/services",
+          NATIVE: "/v1/spina/services/{name}"}
 _HEALTH_VALUES = ("any", "healthy", "passing")
 
 
-def native_query(agent: Agent, name: str, query: Query) -> Reply:
+def _health_body(agent: Agent, name: str, query: Query) -> bytes:
+    views = agent.state.registry.instances(name, health="passing" if "passing" in query else "any",
+                                           tags=_tags(query))
+    return orjson.dumps([health_entry(agent, view) for view in views])
+
+
+def _catalog_service_body(agent: Agent, name: str, query: Query) -> bytes:
+    views = agent.state.registry.instances(name, tags=_tags(query))
+    return orjson.dumps([catalog_service(agent, view) for view in views])
+
+
+def _catalog_services_body(agent: Agent) -> bytes:
+    return orjson.dumps({name: list(tags) for name, tags in agent.state.registry.services().items()})
+
+
+def _agent_services_body(agent: Agent) -> bytes:
+    registry = agent.state.registry
+    return orjson.dumps({view.instance_id: agent_service(view)
+                         for name in registry.services() for view in registry.instances(name)})
+
+
+def _native_body(agent: Agent, name: str, query: Query) -> bytes:
     health = query.get("health", "any")
     if health not in _HEALTH_VALUES:
         raise InvalidRequest(f"health {health!r} is not one of {', '.join(_HEALTH_VALUES)}", field="health")
-    health = cast("Health", health)
     limit = parse_uint(query, "limit") or 0
     try:
         views = agent.state.registry.instances(
-            name, health=health, tags=_tags(query), version=query.get("version") or None,
+            name, health=cast("Health", health), tags=_tags(query), version=query.get("version") or None,
             api_version=query.get("api_version") or None, near_zone=query.get("zone") or None,
             near_region=query.get("region") or None, by_load="by_load" in query, limit=limit)
     except ValueError as exc:
         field = "version" if "version" in str(exc) else None
         raise InvalidRequest(str(exc), field=field) from None
-    return json_reply([native_instance(view) for view in views], headers=_headers(agent, name))
+    return orjson.dumps([native_instance(view) for view in views])
+
+
+def read(agent: Agent, kind: int, name: str, query: Query) -> Reply:
+    """A lookup answered from the registry as it is now (no blocking, no barrier)."""
+    cache = agent.responses
+    if kind == HEALTH:
+        index = _index_of(agent, name)
+        body = cache.body((kind, name, "passing" in query, *_tags(query)), index,
+                          lambda: _health_body(agent, name, query))
+    elif kind == CATALOG_SERVICE:
+        index = _index_of(agent, name)
+        body = cache.body((kind, name, *_tags(query)), index, lambda: _catalog_service_body(agent, name, query))
+    elif kind == CATALOG_SERVICES:
+        name = CATALOG
+        body = cache.body((kind,), _index_of(agent, CATALOG), lambda: _catalog_services_body(agent))
+    elif kind == AGENT_SERVICES:
+        name = CATALOG
+        body = cache.body((kind,), _index_of(agent, CATALOG), lambda: _agent_services_body(agent))
+    else:
+        # Not cached: answers carry (and may be ordered by) the leader-local load, which has no index.
+        body = _native_body(agent, name, query)
+    return Reply(200, body, JSON, _headers(agent, name))
+
+
+def answers_at_once(query: Query) -> bool:
+    """Whether a lookup with this query neither blocks nor needs a read barrier (then ``read`` serves it)."""
+    return "index" not in query and "consistent" not in query
+
+
+async def get(agent: Agent, kind: int, name: str, query: Query) -> Reply:
+    await _prepare_read(agent, query, CATALOG if kind in (CATALOG_SERVICES, AGENT_SERVICES) else name)
+    return read(agent, kind, name, query)
 
 
 # --- writes ---------------------------------------------------------------------------------------------------
@@ -514,12 +574,10 @@ async def _native_register(request: web.Request) -> web.Response:
     return web_response(json_reply({"registered": len(commands), "index": index}))
 
 
-def _reader(respond: Any) -> Any:
+def _reader(kind: int) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        agent = request.app[AGENT_KEY]
-        name = request.match_info.get("name", CATALOG)
-        await _prepare_read(agent, request.query, name)
-        return web_response(respond(agent, name, request.query))
+        reply = await get(request.app[AGENT_KEY], kind, request.match_info.get("name", CATALOG), request.query)
+        return web_response(reply)
     return handler
 
 
@@ -528,13 +586,11 @@ def add_routes(app: web.Application) -> None:
     router.add_put("/v1/agent/service/register", _register)
     router.add_put("/v1/agent/service/deregister/{instance_id}", _deregister)
     router.add_put("/v1/agent/check/{action:pass|warn|fail|update}/{check_id}", _check)
-    router.add_get("/v1/agent/services", _reader(lambda agent, name, query: agent_services(agent)))
-    router.add_get("/v1/catalog/services", _reader(lambda agent, name, query: catalog_services(agent)))
-    router.add_get("/v1/catalog/service/{name}", _reader(catalog_service_reply))
-    router.add_get("/v1/health/service/{name}", _reader(health_service))
+    for kind in (AGENT_SERVICES, CATALOG_SERVICES, CATALOG_SERVICE, HEALTH):
+        router.add_get(ROUTES[kind], _reader(kind))
     router.add_put("/v1/spina/services/register", _native_register)
     router.add_put("/v1/spina/services/heartbeat/{instance_id}", _native_heartbeat)
-    router.add_get("/v1/spina/services/{name}", _reader(native_query))
+    router.add_get(ROUTES[NATIVE], _reader(NATIVE))
 
 
 def _is_ip(text: str) -> bool:
