@@ -28,9 +28,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import parse_qsl
-
-from multidict import MultiDict
 
 from spina_fast._http import RequestHead, encode_response, parse_head, parse_query
 from spina_fast.api import kv, registry
@@ -72,7 +69,6 @@ _EXACT_GET_PATHS = {ROUTE_STATUS_LEADER: _ROUTE_LEADER, ROUTE_STATUS_PEERS: _ROU
 _NAMED_LOOKUPS = (("/v1/health/service/", registry.HEALTH), ("/v1/catalog/service/", registry.CATALOG_SERVICE),
                   ("/v1/spina/services/", registry.NATIVE))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_QUERY: MultiDict[str] = MultiDict()
 
 
 class _Slot:
@@ -321,13 +317,11 @@ class FastHTTPProtocol(asyncio.Protocol):
                     return
             elif route >= _ROUTE_DISCOVERY:
                 kind = route - _ROUTE_DISCOVERY
-                lookup = MultiDict(parse_qsl(head.query, keep_blank_values=True)) if head.query else _NO_QUERY
-                name = head.path[len(_NAMED_LOOKUPS[0][0]):] if kind == registry.HEALTH else \
-                    head.path.rpartition("/")[2]
-                if registry.answers_at_once(lookup):
-                    reply = registry.read(agent, kind, name, lookup)
+                name = head.path.rpartition("/")[2]
+                if registry.answers_at_once(head.query):
+                    reply = registry.read(agent, kind, name, head.query)
                 else:
-                    self._await(head, route, started, registry.get(agent, kind, name, lookup))
+                    self._await(head, route, started, registry.get(agent, kind, name, head.query))
                     return
             elif route == _ROUTE_LEADER:
                 reply = status_leader(agent)

@@ -38,11 +38,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import MultiMapping
+from multidict import MultiDict, MultiMapping
 
 from spina_fast.api.kv import apply_consistency, parse_uint, parse_wait, read_headers
 from spina_fast.api.responses import AGENT_KEY, JSON, Reply, json_reply, web_response
@@ -351,6 +352,9 @@ def _tags(query: Query) -> list[str]:
     return [tag for tag in query.getall("tag", []) if tag]
 
 
+_NO_QUERY: MultiDict[str] = MultiDict()
+
+
 class ResponseCache:
     """Encoded lookup answers by (endpoint, service, filter), valid while the service's index is unchanged.
 
@@ -363,18 +367,19 @@ class ResponseCache:
         self._entries: dict[tuple[Any, ...], tuple[int, bytes]] = {}
         self.hits = self.misses = 0
 
-    def body(self, key: tuple[Any, ...], index: int, encode: Callable[[], bytes]) -> bytes:
+    def get(self, key: tuple[Any, ...], index: int) -> bytes | None:
         entry = self._entries.get(key)
         if entry is not None and entry[0] == index:
             self.hits += 1
             return entry[1]
         self.misses += 1
-        body = encode()
+        return None
+
+    def put(self, key: tuple[Any, ...], index: int, body: bytes) -> None:
         if len(self._entries) >= self.limit:
             for stale in list(self._entries)[:self.limit // 2]:
                 del self._entries[stale]
         self._entries[key] = (index, body)
-        return body
 
 
 # Endpoint kinds: the fast front end and the aiohttp routes both answer through ``read`` / ``get``.
@@ -422,36 +427,53 @@ def _native_body(agent: Agent, name: str, query: Query) -> bytes:
     return orjson.dumps([native_instance(view) for view in views])
 
 
-def read(agent: Agent, kind: int, name: str, query: Query) -> Reply:
-    """A lookup answered from the registry as it is now (no blocking, no barrier)."""
-    cache = agent.responses
-    if kind == HEALTH:
-        index = _index_of(agent, name)
-        body = cache.body((kind, name, "passing" in query, *_tags(query)), index,
-                          lambda: _health_body(agent, name, query))
-    elif kind == CATALOG_SERVICE:
-        index = _index_of(agent, name)
-        body = cache.body((kind, name, *_tags(query)), index, lambda: _catalog_service_body(agent, name, query))
-    elif kind == CATALOG_SERVICES:
-        name = CATALOG
-        body = cache.body((kind,), _index_of(agent, CATALOG), lambda: _catalog_services_body(agent))
-    elif kind == AGENT_SERVICES:
-        name = CATALOG
-        body = cache.body((kind,), _index_of(agent, CATALOG), lambda: _agent_services_body(agent))
-    else:
+def _parsed(raw_query: str) -> Query:
+    return MultiDict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else _NO_QUERY
+
+
+def read(agent: Agent, kind: int, name: str, raw_query: str, query: Query | None = None) -> Reply:
+    """A lookup answered from the registry as it is now (no blocking, no barrier).
+
+    The cache is keyed by the raw query string, so a repeated lookup is answered without even parsing it;
+    ``query`` is the parsed form when the caller has it already.
+    """
+    if kind == NATIVE:
         # Not cached: answers carry (and may be ordered by) the leader-local load, which has no index.
-        body = _native_body(agent, name, query)
-    return Reply(200, body, JSON, _headers(agent, name))
+        native = _native_body(agent, name, query if query is not None else _parsed(raw_query))
+        return Reply(200, native, JSON, _headers(agent, name))
+    if kind in (CATALOG_SERVICES, AGENT_SERVICES):
+        name = CATALOG
+    index = _index_of(agent, name)
+    key = (kind, name, raw_query)
+    body = agent.responses.get(key, index)
+    if body is None:
+        parsed = query if query is not None else _parsed(raw_query)
+        if kind == HEALTH:
+            body = _health_body(agent, name, parsed)
+        elif kind == CATALOG_SERVICE:
+            body = _catalog_service_body(agent, name, parsed)
+        elif kind == CATALOG_SERVICES:
+            body = _catalog_services_body(agent)
+        else:
+            body = _agent_services_body(agent)
+        agent.responses.put(key, index, body)
+    headers = read_headers(agent.node)
+    headers["X-Consul-Index"] = str(index)
+    return Reply(200, body, JSON, headers)
 
 
-def answers_at_once(query: Query) -> bool:
-    """Whether a lookup with this query neither blocks nor needs a read barrier (then ``read`` serves it)."""
-    return "index" not in query and "consistent" not in query
+def answers_at_once(raw_query: str) -> bool:
+    """Whether a lookup with this query neither blocks nor needs a read barrier (then ``read`` serves it).
+
+    Conservative on the raw string: a query that merely mentions them goes the careful way.
+    """
+    return "index" not in raw_query and "consistent" not in raw_query
 
 
-async def get(agent: Agent, kind: int, name: str, query: Query) -> Reply:
-    await _prepare_read(agent, query, CATALOG if kind in (CATALOG_SERVICES, AGENT_SERVICES) else name)
-    return read(agent, kind, name, query)
+async def get(agent: Agent, kind: int, name: str, raw_query: str, query: Query | None = None) -> Reply:
+    parsed = query if query is not None else _parsed(raw_query)
+    await _prepare_read(agent, parsed, CATALOG if kind in (CATALOG_SERVICES, AGENT_SERVICES) else name)
+    return read(agent, kind, name, raw_query, parsed)
 
 
 # --- writes ---------------------------------------------------------------------------------------------------
@@ -576,7 +598,8 @@ async def _native_register(request: web.Request) -> web.Response:
 
 def _reader(kind: int) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        reply = await get(request.app[AGENT_KEY], kind, request.match_info.get("name", CATALOG), request.query)
+        reply = await get(request.app[AGENT_KEY], kind, request.match_info.get("name", CATALOG),
+                          request.query_string, request.query)
         return web_response(reply)
     return handler
 
