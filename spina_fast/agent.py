@@ -21,6 +21,7 @@ from spina_fast.errors import InvalidRequest, SpinaError, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
 from spina_fast.raft.node import RaftNode
 from spina_fast.registry.leases import LeaseKeeper
+from spina_fast.runtime import raise_fd_limit
 from spina_fast.state import ReplicatedState, encode_registry_batch
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Agent:
 
     async def start(self) -> None:
         config = self.config
+        raise_fd_limit()
         self._data_dir = DataDir(config.data_dir, config.node_id)
         try:
             self._node = RaftNode(config.node_id, config.raft_addr, config.peers, config.data_dir, self.state,
