@@ -22,7 +22,7 @@ elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'
 
 # ---------------------------------------------------------------- apt ------
 # redis-tools comes with redis-server (redis-cli is used for readiness).
-apt_pkgs=(redis-server prometheus dnsutils)
+apt_pkgs=(redis-server prometheus dnsutils dnsperf dnsmasq)
 command -v java >/dev/null || apt_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || apt_pkgs+=(maven)
 command -v curl >/dev/null || apt_pkgs+=(curl)

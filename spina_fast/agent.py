@@ -17,6 +17,7 @@ from spina_fast.api.fast_http import FastHTTPServer
 from spina_fast.api.http import build_app
 from spina_fast.api.registry import ResponseCache, server_registration
 from spina_fast.config import AgentConfig
+from spina_fast.dns import DNSServer
 from spina_fast.errors import InvalidRequest, SpinaError, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
 from spina_fast.raft.node import RaftNode
@@ -78,8 +79,8 @@ class Agent:
         self._http_client: aiohttp.ClientSession | None = None
         self._background: list[asyncio.Task[None]] = []
         self.bound_http_addr = config.http_addr
-        # DNS arrives with the discovery front ends; until then the configured address is reported.
         self.bound_dns_addr = config.dns_addr
+        self._dns: DNSServer | None = None
         self.bound_raft_addr = config.raft_addr
 
     @property
@@ -134,6 +135,9 @@ class Agent:
                 raise Unavailable("the aiohttp runner did not set up its server")
             self._http = FastHTTPServer(self, self._runner.server)
             self.bound_http_addr = await self._http.start(config.http_addr.host, config.http_addr.port)
+            self._dns = DNSServer(self.state.registry, domain=config.dns_domain, ttl=config.dns_ttl,
+                                  answer_limit=config.dns_answer_limit)
+            self.bound_dns_addr = await self._dns.start(config.dns_addr.host, config.dns_addr.port)
             if not config.peers:
                 # A single voter elects itself within one election timeout; wait so "ready" means writable.
                 await self._wait_for_leader(timeout=10.0)
@@ -180,6 +184,9 @@ class Agent:
         if self._http_client is not None:
             await self._http_client.close()
             self._http_client = None
+        if self._dns is not None:
+            await self._dns.close()
+            self._dns = None
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--peers", type=_peers, default={}, metavar="ID=HOST:PORT,...",
                        help="the other voters of the cluster (none: single-node cluster)")
     agent.add_argument("--datacenter", default="dc1", help="datacenter name reported to Consul clients")
+    agent.add_argument("--dns-domain", default="spina", metavar="DOMAIN",
+                       help="DNS answers <name>.service.DOMAIN (default spina)")
+    agent.add_argument("--dns-ttl", type=int, default=0, metavar="SECONDS",
+                       help="TTL of DNS answers (default 0: clients ask every time, like Consul)")
+    agent.add_argument("--dns-answer-limit", type=int, default=0, metavar="N",
+                       help="at most N instances per DNS answer, rotating through them (default 0: all)")
     agent.add_argument("--dev", action="store_true",
                        help="single node, data in a temp dir (removed on exit), debug logging")
     agent.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -288,7 +294,8 @@ def _agent_config(args: argparse.Namespace) -> tuple[AgentConfig, Path | None]:
     config = AgentConfig(
         node_id=node_id, data_dir=data_dir or Path("spina-data"), http_addr=args.http_addr,
         dns_addr=args.dns_addr, raft_addr=args.raft_addr, peers=args.peers,
-        datacenter=args.datacenter, dev=args.dev,
+        datacenter=args.datacenter, dev=args.dev, dns_domain=args.dns_domain, dns_ttl=args.dns_ttl,
+        dns_answer_limit=args.dns_answer_limit,
     )
     return config, temp_dir
 

@@ -67,6 +67,9 @@ def parse_peers(text: str) -> dict[str, HostPort]:
     return peers
 
 
+_DNS_DOMAIN = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     node_id: str
@@ -77,6 +80,10 @@ class AgentConfig:
     peers: dict[str, HostPort] = field(default_factory=dict)
     datacenter: str = "dc1"
     dev: bool = False
+    # DNS: answers under <name>.service.<dns_domain>; TTL 0 like Consul; a limit > 0 rotates through instances.
+    dns_domain: str = "spina"
+    dns_ttl: int = 0
+    dns_answer_limit: int = 0
     # Raft timing: failover takes about election_ticks..2*election_ticks ticks (0.5-1 s by default).
     tick_seconds: float = 0.05
     election_ticks: int = 10
@@ -87,6 +94,12 @@ class AgentConfig:
         validate_node_id(self.node_id)
         if self.node_id in self.peers:
             raise ValueError(f"--peers lists this node's own id {self.node_id!r}")
+        if not _DNS_DOMAIN.fullmatch(self.dns_domain):
+            raise ValueError(f"DNS domain {self.dns_domain!r} is not a dot-separated list of DNS labels")
+        if not 0 <= self.dns_ttl <= 2**31 - 1:
+            raise ValueError(f"DNS TTL {self.dns_ttl} is outside 0..2147483647 seconds")
+        if self.dns_answer_limit < 0:
+            raise ValueError(f"DNS answer limit {self.dns_answer_limit} must not be negative")
         if not 0.001 <= self.tick_seconds <= 10:
             raise ValueError(f"raft tick {self.tick_seconds}s is outside 0.001..10 s")
         if not 1 <= self.heartbeat_ticks < self.election_ticks:
