@@ -1,17 +1,18 @@
 """How many DNS A lookups per second does Spina answer, next to dnsmasq serving the same names, and does it
 stay flat at 10,000 services / 100,000 instances?
 
-Spina runs as its own process (``DNSServer`` over uvloop, one core, registry built in-process: S services x I
-instances, IPv4), once with batched UDP (``recvmmsg`` / ``sendmmsg``, the default) and once through asyncio's
-``DatagramProtocol`` (``udp_batch=False``) to show what the batching buys. dnsmasq (foreground, on another
+Spina is a real ``spina agent --dev`` (Raft, HTTP and DNS on one event loop) holding S services x I IPv4
+instances registered through its HTTP API; DNS there uses batched UDP (``recvmmsg`` / ``sendmmsg``). Beside
+it, a bare ``DNSServer`` process answering through asyncio's ``DatagramProtocol`` (``udp_batch=False``, the
+registry built in-process) shows what the batching buys. dnsmasq (foreground, on another
 loopback port) serves the same names from a hosts file, every name with the same I addresses, TTL 0 on both.
 Before any timing every server is asked every name once with dnspython and must give the registered address
 sets (a fast wrong answer scores zero); dnsperf's own per-rcode counts must show only NOERROR.
 
 Each run, in alternating order: dnsperf at full load (``-c 4 -q 200``, as many queries as it can keep in
 flight) against each server: qps and lost queries; then at half of dnsmasq's median full-load qps, the
-same fixed rate for both, with per-query latencies (``-v``): p50 / p99. The scale check is a second Spina
-process holding 10,000 services x 10 instances, queried over all its names at full load, next to the small
+same fixed rate for both, with per-query latencies (``-v``): p50 / p99. The scale check is a second agent
+holding 10,000 services x 10 instances, queried over all its names at full load, next to the small
 one in the same run. Medians over runs; the machine's 2 cores are shared by dnsperf, the server under test
 and whatever else runs, so quote the ratios.
 
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,6 +218,28 @@ def main() -> None:
         print_report(report)
 
 
+def start_agent(services: int, instances: int) -> tuple[subprocess.Popen[str], int]:
+    """A real ``spina agent --dev`` (Raft, HTTP and DNS in one process), filled through its HTTP API."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spina_fast", "agent", "--dev", "--http-addr", "127.0.0.1:0", "--raft-addr",
+         "127.0.0.1:0", "--dns-addr", "127.0.0.1:0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    ready = re.match(r"spina agent ready http=(\S+) dns=\S+:(\d+)", process.stdout.readline())
+    if ready is None:
+        process.kill()
+        raise RuntimeError("spina agent did not start")
+    items = [{"service": service_name(service), "instance_id": f"{service_name(service)}-{instance}",
+              "address": address(service, instance), "port": 8000 + instance, "ttl": "1h"}
+             for service in range(services) for instance in range(instances)]
+    for start in range(0, len(items), 2_000):
+        request = urllib.request.Request(f"http://{ready.group(1)}/v1/spina/services/register",
+                                         data=orjson.dumps(items[start:start + 2_000]), method="PUT")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            if response.status != 200:
+                raise RuntimeError(f"registration failed: {response.status}")
+    return process, int(ready.group(2))
+
+
 def run(args: argparse.Namespace, workdir: Path, rng: random.Random,
         processes: list[subprocess.Popen[str] | subprocess.Popen[bytes]]) -> dict[str, object]:
     names = [f"{service_name(service)}.service.spina" for service in range(args.services)]
@@ -223,7 +247,7 @@ def run(args: argparse.Namespace, workdir: Path, rng: random.Random,
     order = names[:]
     rng.shuffle(order)
     queries.write_text("".join(f"{name} A\n" for name in order))
-    spina, spina_port = start_spina(args.services, args.instances)
+    spina, spina_port = start_agent(args.services, args.instances)
     processes.append(spina)
     protocol, protocol_port = start_spina(args.services, args.instances, batch=False)
     processes.append(protocol)
@@ -243,7 +267,7 @@ def run(args: argparse.Namespace, workdir: Path, rng: random.Random,
         scale_names = [f"{service_name(service)}.service.spina" for service in range(args.scale_services)]
         rng.shuffle(scale_names)
         scale_queries.write_text("".join(f"{name} A\n" for name in scale_names))
-        scale, scale_port = start_spina(args.scale_services, args.scale_instances)
+        scale, scale_port = start_agent(args.scale_services, args.scale_instances)
         processes.append(scale)
         wait_answering(scale_port, scale_names[0])
         sample = rng.sample(range(args.scale_services), 200)
