@@ -103,4 +103,11 @@ else
   fi
 fi
 
+# ---------------------------------------------------------------- Go -------
+# tests/go/consulcheck drives the Consul API with HashiCorp's own client (what Prometheus's consul_sd_configs
+# uses); its modules come from the Go module proxy now, so the test's `go build` needs no network.
+command -v go >/dev/null || die "'go' not found on PATH (tests/go needs the Go toolchain)"
+(cd "$REPO_ROOT/tests/go/consulcheck" && go mod download) || die "go mod download in tests/go/consulcheck failed"
+log "go modules for tests/go ready"
+
 log "done in $(elapsed "$t0")s"

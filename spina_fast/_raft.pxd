@@ -136,8 +136,11 @@ cdef class _ReadRequest:
 cdef class RaftCore:
     cdef readonly str node_id
     cdef tuple _voters
-    cdef tuple _peers
+    cdef tuple _learners
+    cdef tuple _peers                  # everyone this node replicates to as leader: voters and learners
+    cdef tuple _voter_peers            # the other voters: whom it asks for votes
     cdef frozenset _voter_set
+    cdef uint64_t _pending_config_index
     cdef Py_ssize_t _quorum
     cdef uint64_t* _match_scratch      # one slot per voter, for the commit median
     cdef RaftLog _log
@@ -178,6 +181,7 @@ cdef class RaftCore:
     cdef Ready _outstanding
     cdef bint _started
 
+    cdef int _set_config(self, list voters, list learners) except -1
     cdef int _next_random(self) noexcept
     cdef void _reset_timers(self) noexcept
     cdef inline bint _in_leader_lease(self) noexcept

@@ -695,6 +695,10 @@ def decode_message(int kind, const unsigned char[:] payload not None) -> Message
 # The consensus core
 # ---------------------------------------------------------------------------------------------------
 
+class ConfigChangePending(Exception):
+    """A configuration change cannot start yet: another one is not applied, or the leader is new."""
+
+
 class NotLeader(Exception):
     """This node cannot take the request; ``leader`` is the leader's node id if one is known."""
 
@@ -868,21 +872,12 @@ cdef class RaftCore:
     sent a MSG_SNAPSHOT request (offset 0, no data, done=False) for the driver to stream.
     """
 
-    def __init__(self, str node_id not None, voters not None, *, int election_ticks=10, int heartbeat_ticks=1,
-                 bint pre_vote=True, bint check_quorum=True, uint64_t seed=0,
+    def __init__(self, str node_id not None, voters not None, *, learners=(), int election_ticks=10,
+                 int heartbeat_ticks=1, bint pre_vote=True, bint check_quorum=True, uint64_t seed=0,
                  Py_ssize_t max_append_bytes=1 << 20, Py_ssize_t max_inflight=256):
-        cdef list members = list(voters)
-        cdef object member
         cdef bytes id_bytes
         if not node_id:
             raise ValueError("node_id must not be empty")
-        for member in members:
-            if not isinstance(member, str) or not member:
-                raise ValueError(f"voters must be non-empty strings, got {member!r}")
-        if len(set(members)) != len(members):
-            raise ValueError(f"voters lists a node twice: {members}")
-        if node_id not in members:
-            raise ValueError(f"{node_id!r} is not among the voters {members}")
         if heartbeat_ticks < 1:
             raise ValueError("heartbeat_ticks must be at least 1")
         if election_ticks <= heartbeat_ticks:
@@ -892,14 +887,6 @@ cdef class RaftCore:
         if max_append_bytes < 0:
             raise ValueError("max_append_bytes must not be negative")
         self.node_id = node_id
-        self._voters = tuple(members)
-        self._peers = tuple([member for member in members if member != node_id])
-        self._voter_set = frozenset(members)
-        self._quorum = len(members) // 2 + 1
-        free(self._match_scratch)
-        self._match_scratch = <uint64_t*>malloc(len(members) * sizeof(uint64_t))
-        if self._match_scratch is NULL:
-            raise MemoryError()
         self._log = RaftLog()
         self._election_ticks = election_ticks
         self._heartbeat_ticks = heartbeat_ticks
@@ -911,7 +898,11 @@ cdef class RaftCore:
         id_bytes = node_id.encode("utf-8")
         self._random_state = seed ^ (<uint64_t>crc32c_update(0, <const unsigned char*>PyBytes_AS_STRING(id_bytes),
                                                             len(id_bytes)) << 32)
-        self._progress = {member: Progress(max_inflight) for member in self._peers}
+        self._progress = {}
+        self._voters = ()
+        self._learners = ()
+        self._peers = ()
+        self._set_config(list(voters), list(learners))
         self._votes = {}
         self._messages = []
         self._read_states = []
@@ -954,6 +945,18 @@ cdef class RaftCore:
     @property
     def voters(self) -> list:
         return list(self._voters)
+
+    @property
+    def learners(self) -> list:
+        return list(self._learners)
+
+    @property
+    def is_voter(self) -> bool:
+        return self.node_id in self._voter_set
+
+    @property
+    def pending_config_index(self) -> int:
+        return self._pending_config_index
 
     @property
     def log(self) -> RaftLog:
@@ -1053,7 +1056,12 @@ cdef class RaftCore:
         self._started = True
         if msg.dst != self.node_id:
             raise ValueError(f"message for {msg.dst!r} stepped into {self.node_id!r}")
-        if msg.src == self.node_id or msg.src not in self._voter_set:
+        if msg.src == self.node_id:
+            return
+        if (kind == MSG_VOTE or kind == MSG_PRE_VOTE) and msg.src not in self._voter_set:
+            # A removed node (or one we never had) must not disturb elections. Other messages from outside
+            # the configuration are taken: a leader added after this node's last known configuration
+            # still needs to reach it, and a leader ignores answers from nodes it does not track.
             return
         if msg.term > self._term:
             if kind == MSG_VOTE or kind == MSG_PRE_VOTE:
@@ -1098,6 +1106,83 @@ cdef class RaftCore:
         self._broadcast_append()
         return last
 
+    def propose_config(self, bytes data not None) -> int:
+        """Append one ENTRY_CONFIG entry carrying ``data`` (the driver's encoding of the whole new
+        configuration); returns its index. The driver calls ``apply_config`` when it applies it.
+
+        Raft §4.1 single-server changes, applied when committed (as etcd does): safe as long as one change
+        is in flight at a time and the leader has committed an entry of its own term first (the fix from
+        Ongaro's 2015 raft-dev note). Otherwise raises ConfigChangePending; retry after ``applied_index``
+        passes ``pending_config_index``.
+        """
+        if self._role != ROLE_LEADER:
+            raise NotLeader(f"{self.node_id} is not the leader", self._leader_id)
+        if self._transfer_target is not None:
+            raise NotLeader(f"{self.node_id} is transferring leadership to {self._transfer_target}", None)
+        if self._pending_config_index > self._applied_index:
+            raise ConfigChangePending(f"configuration change at index {self._pending_config_index} is not "
+                                      f"applied yet (applied: {self._applied_index})")
+        if self._log._term_or_zero(self._commit_index) != self._term:
+            raise ConfigChangePending(f"{self.node_id} has not committed an entry of its term {self._term} yet")
+        cdef uint64_t last = self._log._append_with_kind(self._term, ENTRY_CONFIG, [data])
+        self._pending_config_index = last
+        self._broadcast_append()
+        return last
+
+    def apply_config(self, voters not None, learners not None) -> None:
+        """Make (voters, learners) the configuration: at start-up, when a committed ENTRY_CONFIG entry
+        is applied, or after a snapshot carrying a configuration is installed. A leader that is no
+        longer a voter steps down; progress of new peers starts from the end of the log."""
+        cdef object item
+        cdef str peer
+        cdef uint64_t next_index = self._log._last_index() + 1
+        self._set_config(list(voters), list(learners))
+        if self._transfer_target is not None and self._transfer_target not in self._voter_set:
+            self._abort_transfer()
+        if self.node_id not in self._voter_set and self._role != ROLE_FOLLOWER:
+            self._become_follower(self._term, None)
+            return
+        if self._role != ROLE_LEADER:
+            return
+        for peer in self._peers:
+            item = self._progress[peer]
+            if (<Progress>item).next_index == 0:
+                (<Progress>item)._reset(next_index)
+                self._send_appends(peer)
+        # A smaller quorum may commit what was waiting for the removed voter.
+        if self._maybe_commit():
+            self._broadcast_append()
+
+    cdef int _set_config(self, list voters, list learners) except -1:
+        cdef object member
+        cdef dict progress = {}
+        cdef Progress tracked
+        for member in voters + learners:
+            if not isinstance(member, str) or not member:
+                raise ValueError(f"voters and learners must be non-empty strings, got {member!r}")
+        if len(set(voters)) != len(voters) or len(set(learners)) != len(learners):
+            raise ValueError(f"a node is listed twice: voters {voters}, learners {learners}")
+        if set(voters) & set(learners):
+            raise ValueError(f"{sorted(set(voters) & set(learners))} cannot be voter and learner at once")
+        cdef void* scratch = realloc(self._match_scratch, (len(voters) + 1) * sizeof(uint64_t))
+        if scratch is NULL:
+            raise MemoryError()
+        self._match_scratch = <uint64_t*>scratch
+        self._voters = tuple(voters)
+        self._learners = tuple(learners)
+        self._voter_set = frozenset(voters)
+        self._voter_peers = tuple([member for member in voters if member != self.node_id])
+        self._peers = tuple([member for member in voters + learners if member != self.node_id])
+        self._quorum = len(voters) // 2 + 1
+        for member in self._peers:
+            tracked = self._progress.get(member)
+            if tracked is None:
+                tracked = Progress(self._max_inflight)
+                tracked.next_index = 0  # marks it new: apply_config starts it at the log's end
+            progress[member] = tracked
+        self._progress = progress
+        return 0
+
     def read_index(self, bytes context not None) -> None:
         """Ask for a linearizable read point (Raft §6.4). It arrives as (context, index) in a later
         Ready's ``read_states``; serve the read once ``applied_index`` >= index. ``context`` must be
@@ -1120,7 +1205,7 @@ cdef class RaftCore:
             raise NotLeader(f"{self.node_id} is not the leader", self._leader_id)
         if to == self.node_id:
             return
-        if to not in self._progress:
+        if to not in self._voter_set:
             raise ValueError(f"{to!r} is not a voter")
         if self._transfer_target == to:
             return
@@ -1242,7 +1327,11 @@ cdef class RaftCore:
     cdef int _tick_election(self) except -1:
         self._election_elapsed += 1
         if self._election_elapsed >= self._randomized_election_timeout:
-            self._campaign(self._pre_vote, False)
+            if self.node_id in self._voter_set:
+                self._campaign(self._pre_vote, False)
+            else:
+                # A learner or a node outside the configuration waits to be told; it never campaigns.
+                self._reset_timers()
         return 0
 
     cdef int _tick_leader(self) except -1:
@@ -1277,8 +1366,9 @@ cdef class RaftCore:
     cdef bint _quorum_active(self) noexcept:
         cdef Py_ssize_t active = 1
         cdef object item
-        for item in self._progress.values():
-            if (<Progress>item).recent_active:
+        cdef str peer
+        for peer, item in self._progress.items():
+            if (<Progress>item).recent_active and peer in self._voter_set:
                 active += 1
             (<Progress>item).recent_active = False
         return active >= self._quorum
@@ -1324,6 +1414,8 @@ cdef class RaftCore:
         self._drop_reads()
         for item in self._progress.values():
             (<Progress>item)._reset(next_index)
+        # Any entry after the commit index may be a configuration change: none more until it is applied.
+        self._pending_config_index = self._log._last_index()
         # Raft §5.4.2 / §6.4: a leader commits earlier terms' entries only through one of its own
         # term, and serves reads only after that; the no-op makes that happen without client writes.
         self._log._append_with_kind(self._term, ENTRY_NOOP, [_EMPTY])
@@ -1348,7 +1440,7 @@ cdef class RaftCore:
             if pre_vote:
                 return self._campaign(False, transfer)
             return self._become_leader()
-        for peer in self._peers:
+        for peer in self._voter_peers:
             msg = self._new_message(kind, peer)
             msg.term = vote_term
             msg.index = self._log._last_index()
@@ -1361,6 +1453,8 @@ cdef class RaftCore:
     cdef int _tally_vote(self, Message msg) except -1:
         cdef Py_ssize_t granted = 0, rejected = 0
         cdef object vote
+        if msg.src not in self._voter_set:
+            return 0
         if msg.src not in self._votes:
             self._votes[msg.src] = not msg.reject
         for vote in self._votes.values():
@@ -1420,7 +1514,8 @@ cdef class RaftCore:
             else:
                 self._process_snapshot(msg)
         elif kind == MSG_TIMEOUT_NOW:
-            self._campaign(False, True)
+            if self.node_id in self._voter_set:
+                self._campaign(False, True)
         elif kind == MSG_READ_INDEX_RESPONSE:
             self._read_states.append((msg.context, msg.index))
         return 0
@@ -1541,9 +1636,10 @@ cdef class RaftCore:
         cdef Py_ssize_t count = 1, i, j
         cdef uint64_t value, candidate
         cdef object item
+        cdef str peer
         self._match_scratch[0] = self._stable_index
-        for item in self._progress.values():
-            self._match_scratch[count] = (<Progress>item).match_index
+        for peer in self._voter_peers:
+            self._match_scratch[count] = (<Progress>self._progress[peer]).match_index
             count += 1
         for i in range(1, count):  # insertion sort, descending: a handful of voters
             value = self._match_scratch[i]
@@ -1727,7 +1823,7 @@ cdef class RaftCore:
         cdef _ReadRequest request = self._read_requests.get(context)
         cdef _ReadRequest released
         cdef Py_ssize_t position
-        if request is None:
+        if request is None or voter not in self._voter_set:
             return 0
         request.acks.add(voter)
         if len(request.acks) < self._quorum:

@@ -121,9 +121,7 @@ class Agent:
         raise_fd_limit()
         self._data_dir = DataDir(config.data_dir, config.node_id)
         try:
-            self._node = RaftNode(config.node_id, config.raft_addr, config.peers, config.data_dir, self.state,
-                                  tick_seconds=config.tick_seconds, election_ticks=config.election_ticks,
-                                  heartbeat_ticks=config.heartbeat_ticks, fsync=config.fsync)
+            self._node = RaftNode.from_config(config, self.state)
             self.bound_raft_addr = await self._node.start()
             self._leases = LeaseKeeper(self._node, self.state.registry)
             self._leases.start()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from spina_fast import __version__
+from spina_fast import __version__, cluster_cli, prometheus_cli
 from spina_fast.config import (
     DEFAULT_DNS_ADDR,
     DEFAULT_HTTP_ADDR,
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("prefix", nargs="?", default="")
     ls.add_argument("--separator", default="", help="group keys below this separator (e.g. /)")
     _add_config_parser(commands)
+    cluster_cli.add_agent_flags(agent)
+    cluster_cli.add_parsers(commands)
+    prometheus_cli.add_parsers(commands)
     return parser
 
 
@@ -295,7 +298,7 @@ def _agent_config(args: argparse.Namespace) -> tuple[AgentConfig, Path | None]:
         node_id=node_id, data_dir=data_dir or Path("spina-data"), http_addr=args.http_addr,
         dns_addr=args.dns_addr, raft_addr=args.raft_addr, peers=args.peers,
         datacenter=args.datacenter, dev=args.dev, dns_domain=args.dns_domain, dns_ttl=args.dns_ttl,
-        dns_answer_limit=args.dns_answer_limit,
+        dns_answer_limit=args.dns_answer_limit, **cluster_cli.agent_config_fields(args),
     )
     return config, temp_dir
 
@@ -341,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
-    clients = {"kv": _run_kv, "config": _run_config}
+    clients = {"kv": _run_kv, "config": _run_config, "cluster": cluster_cli.run_cluster,
+               "snapshot": cluster_cli.run_snapshot, "prometheus": prometheus_cli.run_prometheus}
     if args.command in clients:
         try:
             return clients[args.command](args)

@@ -89,6 +89,13 @@ class AgentConfig:
     election_ticks: int = 10
     heartbeat_ticks: int = 2
     fsync: bool = True
+    # Raft snapshots: taken once this many entries or payload bytes were applied since the last one; the log
+    # keeps snapshot_catch_up_entries behind it so a slightly lagging follower needs no snapshot.
+    snapshot_entries: int = 10_000
+    snapshot_bytes: int = 64 << 20
+    snapshot_catch_up_entries: int = 1_000
+    # HTTP address of a running member: a node with an empty data dir asks it to be added as a learner.
+    join: HostPort | None = None
 
     def __post_init__(self) -> None:
         validate_node_id(self.node_id)
@@ -104,6 +111,16 @@ class AgentConfig:
             raise ValueError(f"raft tick {self.tick_seconds}s is outside 0.001..10 s")
         if not 1 <= self.heartbeat_ticks < self.election_ticks:
             raise ValueError("raft heartbeat ticks must be at least 1 and fewer than the election ticks")
+        if self.snapshot_entries < 1:
+            raise ValueError(f"snapshot entries threshold {self.snapshot_entries} must be at least 1")
+        if self.snapshot_bytes < 1024:
+            raise ValueError(f"snapshot bytes threshold {self.snapshot_bytes} must be at least 1024")
+        if self.snapshot_catch_up_entries < 0:
+            raise ValueError("snapshot catch-up entries must not be negative")
+        if self.join is not None and self.peers:
+            raise ValueError("--join adds this node to a running cluster; --peers bootstraps a new one: give one")
+        if self.join is not None and self.join.port == 0:
+            raise ValueError("--join needs the member's real HTTP port, not 0")
         if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", self.datacenter):
             raise ValueError(f"datacenter {self.datacenter!r} must be lower-case letters, digits, '_' or '-'")
 

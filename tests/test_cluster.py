@@ -55,7 +55,10 @@ def leader_of(cluster: Cluster) -> str | None:
         return None
     address = answers.pop()
     port = int(address.rsplit(":", 1)[1])
-    leader = next((node_id for node_id, raft_port in cluster.raft_ports.items() if raft_port == port), None)
+    # Nodes added later (a join) are known by the Raft address their ready line reported.
+    ports = {**cluster.raft_ports,
+             **{node_id: int(agent.raft.rsplit(":", 1)[1]) for node_id, agent in cluster.running().items()}}
+    leader = next((node_id for node_id, raft_port in ports.items() if raft_port == port), None)
     # Right after a kill the survivors still name the dead leader until their election timeout.
     return leader if leader in cluster.running() else None
 

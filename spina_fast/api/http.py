@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from spina_fast import __version__
-from spina_fast.api import config, kv, registry
+from spina_fast.api import cluster, config, kv, prometheus, registry
 from spina_fast.api.responses import (
     AGENT_KEY,
     Reply,
@@ -117,5 +117,7 @@ def build_app(agent: Agent) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     kv.add_routes(app)
     config.add_routes(app)
+    cluster.add_routes(app)
     registry.add_routes(app)
+    prometheus.add_routes(app)
     return app

@@ -1,12 +1,26 @@
 """A Raft node: drives the Cython ``RaftCore`` with real timers, sockets and fsync.
 
-The loop follows the core's Ready contract: persist (one group-committed fsync for everything the Ready
-carries), then send, then apply, then ``advance``. Client commands arriving meanwhile are batched into
-one ``propose`` call per event-loop turn, so one AppendEntries and one fsync cover many of them.
+The loop follows the core's Ready contract: install a received snapshot, persist (one group-committed fsync
+for everything the Ready carries), then send, then apply, then ``advance``. Client commands arriving
+meanwhile are batched into one ``propose`` call per event-loop turn, so one AppendEntries and one fsync
+cover many of them.
 
 Writes sent to a follower are forwarded to the leader over the Raft transport (FORWARD frames); the
-follower answers its client with the leader's result. Reads: ``read_barrier`` is Raft §6.4 ReadIndex
-(linearizable, on any node); plain reads are served locally.
+follower answers its client with the leader's result. Cluster operations (join, remove, promote, transfer)
+travel the same way as ADMIN frames. Reads: ``read_barrier`` is Raft §6.4 ReadIndex (linearizable, on any
+node); plain reads are served locally.
+
+Snapshots: once ``snapshot_entries`` entries or ``snapshot_bytes`` bytes were applied since the last one,
+the state machine's ``snapshot()`` is written to a CRC'd file beside the WAL (``snapshots.py``); the WAL
+and the in-memory log are then compacted up to ``catch_up_entries`` behind it, so a follower a little
+behind still catches up from the log. A follower further behind gets the newest snapshot file streamed in
+chunks (MSG_SNAPSHOT frames, each CRC'd by the framing, at most ``SNAPSHOT_WINDOW`` unacknowledged),
+verifies the whole file's checksum, and only then lets its core install it. A restart loads the newest
+snapshot and replays the WAL after it.
+
+Membership: single-server changes (Raft §4.1), each an ENTRY_CONFIG entry carrying the whole configuration
+with every member's Raft address (``membership.py``), applied when committed. A joining node is added as a
+learner and promoted by the leader once it has caught up. Removing the leader hands leadership over first.
 """
 
 from __future__ import annotations
@@ -14,29 +28,60 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import orjson
 
 from spina_fast import _raft
-from spina_fast._raft import FrameError, RaftCore, decode_message, encode_frame, encode_message
-from spina_fast.config import HostPort
-from spina_fast.errors import InvalidRequest, NotLeader, Timeout, Unavailable
-from spina_fast.raft.storage import RaftStorage
+from spina_fast._raft import (
+    MSG_SNAPSHOT,
+    MSG_SNAPSHOT_RESPONSE,
+    ConfigChangePending,
+    FrameError,
+    Message,
+    RaftCore,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+from spina_fast.config import HostPort, parse_host_port
+from spina_fast.errors import InvalidRequest, NotLeader, SpinaError, Timeout, Unavailable
+from spina_fast.raft.membership import ClusterConfig
+from spina_fast.raft.snapshots import SnapshotCorrupted, SnapshotStore, encode_snapshot, verify_snapshot_file
+from spina_fast.raft.storage import RaftStorage, StorageCorrupted
 from spina_fast.raft.transport import RaftTransport
+
+if TYPE_CHECKING:
+    from spina_fast.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
 KIND_FORWARD = 201
 KIND_FORWARD_RESULT = 202
+KIND_ADMIN = 203
 _FORWARD = struct.Struct(">Q")
 _FORWARD_RESULT = struct.Struct(">QB")
 _FORWARD_OK, _FORWARD_NOT_LEADER, _FORWARD_FAILED = 0, 1, 2
 FORWARD_CONNECT_SECONDS = 2.0
+
+DEFAULT_SNAPSHOT_ENTRIES = 10_000
+DEFAULT_SNAPSHOT_BYTES = 64 << 20
+DEFAULT_CATCH_UP_ENTRIES = 1_000
+SNAPSHOT_CHUNK_BYTES = 256 << 10
+SNAPSHOT_WINDOW = 8
+SNAPSHOT_STALL_SECONDS = 10.0
+# A learner this close to the commit index is promoted: one more round of appends brings it level.
+PROMOTE_LAG = 64
+REMOVED_PEER_GRACE_SECONDS = 5.0
+_CHUNK_ACK = b"chunk"
+_CONFIG_KIND = bytes((_raft.ENTRY_CONFIG,))
+_NORMAL_KIND = bytes((_raft.ENTRY_NORMAL,))
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
@@ -50,70 +95,229 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None: ...
 
 
+@dataclass
+class _OutgoingSnapshot:
+    """A snapshot being streamed to one follower: acknowledged bytes wake the sender."""
+
+    index: int
+    acked: int = 0
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _IncomingSnapshot:
+    leader: str
+    index: int
+    term: int
+    path: Path
+    file: BinaryIO
+    received: int = 0
+
+
 class RaftNode:
     def __init__(self, node_id: str, raft_addr: HostPort, peers: dict[str, HostPort], data_dir: Path,
                  state_machine: StateMachine, *, tick_seconds: float = 0.05, election_ticks: int = 10,
-                 heartbeat_ticks: int = 2, fsync: bool = True, seed: int | None = None) -> None:
+                 heartbeat_ticks: int = 2, fsync: bool = True, seed: int | None = None,
+                 snapshot_entries: int = DEFAULT_SNAPSHOT_ENTRIES, snapshot_bytes: int = DEFAULT_SNAPSHOT_BYTES,
+                 catch_up_entries: int = DEFAULT_CATCH_UP_ENTRIES, join: str | None = None,
+                 transfer_on_stop: bool = True) -> None:
+        if snapshot_entries < 1 or snapshot_bytes < 1 or catch_up_entries < 0:
+            raise ValueError("snapshot thresholds must be positive and catch_up_entries not negative")
         self.node_id = node_id
         self.state_machine = state_machine
         self.tick_seconds = tick_seconds
-        self.storage = RaftStorage.open(data_dir / "raft", fsync=fsync)
-        self.core = RaftCore(node_id, [node_id, *peers], election_ticks=election_ticks,
-                             heartbeat_ticks=heartbeat_ticks,
-                             seed=seed if seed is not None else int.from_bytes(node_id.encode()[:8], "big"))
+        self.election_ticks = election_ticks
+        self.snapshot_entries = snapshot_entries
+        self.snapshot_bytes = snapshot_bytes
+        self.catch_up_entries = catch_up_entries
+        self.transfer_on_stop = transfer_on_stop
+        raft_dir = data_dir / "raft"
+        self.storage = RaftStorage.open(raft_dir, fsync=fsync)
+        try:
+            self.snapshots = SnapshotStore(raft_dir, fsync=fsync)
+            snapshot = self.snapshots.load_latest()
+        except BaseException:
+            self.storage.close()
+            raise
         term, voted_for, commit_index = self.storage.hard_state
+        fresh = snapshot is None and term == 0 and self.storage.last_index == 0
+        # --join: a node with nothing on disk knows no configuration until the cluster adds it.
+        self._join = join if fresh else None
+        bootstrap = ClusterConfig() if self._join else ClusterConfig({node_id: raft_addr, **peers})
+        snapshot_index = snapshot_term = 0
+        config = bootstrap
+        if snapshot is not None:
+            meta, data = snapshot
+            state_machine.restore(data)
+            snapshot_index, snapshot_term = meta.index, meta.term
+            # A snapshot restored from a backup carries no configuration: the flags give it.
+            config = meta.config if meta.config is not None else bootstrap
+        entries = self._log_after_snapshot(snapshot_index, snapshot_term)
+        self.config = config
+        self.core = RaftCore(node_id, list(config.voters), learners=list(config.learners),
+                             election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
+                             seed=seed if seed is not None else int.from_bytes(node_id.encode()[:8], "big"))
         self._persisted_term_vote = (term, voted_for)
-        self.core.restore(term, voted_for, commit_index, self.storage.entries(),
-                          self.storage.snapshot_index, self.storage.snapshot_term)
-        self.transport = RaftTransport(node_id, raft_addr, peers, self._on_frame)
-        self.addresses: dict[str, HostPort] = {node_id: raft_addr, **peers}
-        self.applied_index = self.storage.snapshot_index
+        last_index = entries[-1][0] if entries else snapshot_index
+        self.core.restore(term, voted_for, min(commit_index, last_index), entries, snapshot_index, snapshot_term)
+        self.transport = RaftTransport(node_id, raft_addr, {member: address for member, address
+                                                            in config.members.items() if member != node_id},
+                                       self._on_frame)
+        self.raft_addr = raft_addr
+        self.applied_index = snapshot_index
+        self.snapshot_index = snapshot_index
+        self._bytes_since_snapshot = 0
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._outgoing: dict[str, _OutgoingSnapshot] = {}
+        self._incoming: _IncomingSnapshot | None = None
+        self._received: dict[tuple[int, int], Path] = {}  # verified, stepped into the core, not installed
         self._ready = asyncio.Event()
         self._proposals: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._held: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._pending: dict[int, tuple[int, asyncio.Future[Any]]] = {}
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._forwards: dict[int, asyncio.Future[Any]] = {}
+        self._forwards: dict[int, tuple[asyncio.Future[Any], int, bytes]] = {}
         self._request_ids = itertools.count(1)
         self._last_leader_contact = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._serving: set[asyncio.Task[Any]] = set()  # forwarded requests being answered
+        self._last_forward_received = 0.0
+        self._promoting: str | None = None
         self._running = False
         self.on_role_change: Callable[[str, str | None], None] | None = None
+
+    @classmethod
+    def from_config(cls, config: AgentConfig, state_machine: StateMachine) -> RaftNode:
+        """The node an agent with ``config`` runs."""
+        return cls(config.node_id, config.raft_addr, config.peers, config.data_dir, state_machine,
+                   tick_seconds=config.tick_seconds, election_ticks=config.election_ticks,
+                   heartbeat_ticks=config.heartbeat_ticks, fsync=config.fsync,
+                   snapshot_entries=config.snapshot_entries, snapshot_bytes=config.snapshot_bytes,
+                   catch_up_entries=config.snapshot_catch_up_entries,
+                   join=str(config.join) if config.join is not None else None)
+
+    def _log_after_snapshot(self, snapshot_index: int, snapshot_term: int) -> list[tuple[int, int, bytes]]:
+        """The WAL's entries after the snapshot point, checked against the snapshot."""
+        storage = self.storage
+        if storage.snapshot_index > snapshot_index:
+            self.storage.close()
+            raise StorageCorrupted(storage.directory, 0,
+                                   f"the log is compacted up to {storage.snapshot_index} but the newest "
+                                   f"snapshot file is at {snapshot_index}: the snapshot is missing")
+        entries = storage.entries()
+        start = next((position for position, entry in enumerate(entries) if entry[0] > snapshot_index),
+                     len(entries))
+        at_snapshot = entries[start - 1] if start > 0 else None
+        if snapshot_index and (storage.last_index < snapshot_index
+                               or (at_snapshot is not None and at_snapshot[1] != snapshot_term)):
+            # A snapshot installed from the leader, the crash came before the log was reset: what the log
+            # holds after it belonged to a diverged history.
+            storage.compact(snapshot_index, snapshot_term, discard_log=True)
+            return []
+        return entries[start:]
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def start(self) -> HostPort:
         bound = await self.transport.start()
-        self.addresses[self.node_id] = bound
+        self.raft_addr = bound
         self._running = True
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run_ready()), loop.create_task(self._run_ticks())]
         self._ready.set()
+        if self._join is not None:
+            try:
+                await self._join_cluster(self._join)
+            except BaseException:
+                await self.stop()
+                raise
         return bound
 
+    async def _join_cluster(self, http_addr: str, timeout: float = 60.0) -> None:
+        """Ask a member (any node; it forwards to the leader) to add this node as a learner."""
+        import aiohttp
+
+        url = f"http://{http_addr}/v1/spina/cluster/join"
+        body = {"node_id": self.node_id, "raft_addr": str(self.raft_addr)}
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            while True:
+                try:
+                    async with session.post(url, json=body) as response:
+                        document = await response.json(content_type=None)
+                        if response.status == 200:
+                            break
+                        if response.status == 400:
+                            raise InvalidRequest(f"{http_addr} refused the join: {document.get('error')}")
+                        reason = str(document.get("error"))
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    reason = str(exc) or type(exc).__name__
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"could not join the cluster through {http_addr} within {timeout:g}s: "
+                                      f"{reason}")
+                log.info("join attempt failed; retrying", extra={"via": http_addr, "reason": reason})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        config = ClusterConfig.from_json(document["config"])
+        # Until the log catches up, the configuration the cluster just committed is the best knowledge.
+        if self.applied_index == 0:
+            self._adopt_config(config)
+        log.info("joined the cluster as a learner", extra={"via": http_addr, "voters": sorted(config.voters)})
+
     async def stop(self) -> None:
+        if self._running and self.transfer_on_stop and self.is_leader and len(self.core.voters) > 1:
+            # A graceful stop of the leader hands over first: writes pause for one election round trip
+            # instead of an election timeout.
+            try:
+                await self.transfer_leadership(None, timeout=self.election_ticks * self.tick_seconds * 2)
+                await self._drain_forwards(timeout=3.0)
+            except SpinaError as exc:
+                log.warning("leadership transfer on shutdown failed", extra={"reason": exc.message})
         self._running = False
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.transport.close()
         self._fail_all(Unavailable("the node is shutting down"))
+        self._close_incoming()
         self.storage.close()
 
+    async def _drain_forwards(self, timeout: float) -> None:
+        """After handing over: stay reachable until the followers know the new leader (they send here until
+        its first heartbeat reaches them, and get "not leader" answers they retry elsewhere), and until every
+        write that went through this node has its answer."""
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(self.tick_seconds * self.election_ticks / 2)
+        quiet = self.tick_seconds * 4  # no forwarded request for this long: the followers have moved on
+        while time.monotonic() < deadline and (self._forwards or self._held or self._proposals or self._serving
+                                               or time.monotonic() - self._last_forward_received < quiet):
+            await asyncio.sleep(self.tick_seconds / 5)
+
     def _fail_all(self, error: Exception) -> None:
-        for _, future in self._proposals:
+        for _, future in itertools.chain(self._proposals, self._held):
             if not future.done():
                 future.set_exception(error)
         self._proposals.clear()
+        self._held.clear()
         for future in itertools.chain((f for _, f in self._pending.values()), self._reads.values(),
-                                      self._forwards.values(), (f for _, f in self._applied_waiters)):
+                                      (f for f, _, _ in self._forwards.values()),
+                                      (f for _, f in self._applied_waiters)):
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
         self._reads.clear()
         self._forwards.clear()
         self._applied_waiters.clear()
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # --- status ---------------------------------------------------------------------------------------
 
@@ -130,9 +334,21 @@ class RaftNode:
         leader = self.core.leader_id
         return str(leader) if leader else None
 
+    @property
+    def addresses(self) -> dict[str, HostPort]:
+        """The voters' Raft addresses (what Consul's /v1/status/peers lists)."""
+        return {member: (self.raft_addr if member == self.node_id else self._address_of(member) or address)
+                for member, address in self.config.voters.items()} or {self.node_id: self.raft_addr}
+
+    def _address_of(self, node_id: str) -> HostPort | None:
+        if node_id == self.node_id:
+            return self.raft_addr
+        return self.transport.peers.get(node_id) or self.config.address_of(node_id)
+
     def leader_address(self) -> str:
         leader = self.leader_id
-        return str(self.addresses[leader]) if leader in self.addresses else ""
+        address = self._address_of(leader) if leader else None
+        return str(address) if address is not None else ""
 
     def last_contact_ms(self) -> int:
         """Milliseconds since this node last heard from the leader (0 on the leader itself)."""
@@ -142,13 +358,63 @@ class RaftNode:
             return -1
         return int((time.monotonic() - self._last_leader_contact) * 1000)
 
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/spina/raft/status`` answers."""
+        core = self.core
+        state_hash = getattr(self.state_machine, "state_hash", None)
+        document: dict[str, Any] = {
+            "node_id": self.node_id, "role": self.role, "term": core.term, "leader": self.leader_id,
+            "leader_address": self.leader_address() or None, "commit_index": core.commit_index,
+            "applied_index": self.applied_index, "last_index": core.last_index,
+            "first_index": core.log.first_index, "snapshot_index": self.snapshot_index,
+            "log_entries": len(core.log), "log_bytes": core.log.payload_bytes,
+            "voters": {member: str(self._address_of(member) or "") for member in core.voters},
+            "learners": {member: str(self._address_of(member) or "") for member in core.learners},
+            "wal_segments": self.storage.segment_count,
+            "state_hash": state_hash() if callable(state_hash) else None,
+        }
+        if self.is_leader:
+            document["progress"] = {}
+            for peer in [*core.voters, *core.learners]:
+                if peer != self.node_id:
+                    progress = core.progress(peer)
+                    document["progress"][peer] = {"match_index": progress.match_index,
+                                                  "next_index": progress.next_index, "state": progress.state}
+        return document
+
     # --- the Ready loop ----------------------------------------------------------------------------------
 
     async def _run_ticks(self) -> None:
         while self._running:
             await asyncio.sleep(self.tick_seconds)
             self.core.tick()
+            if self.is_leader:
+                self._leader_housekeeping()
             self._ready.set()
+
+    def _leader_housekeeping(self) -> None:
+        core = self.core
+        if self._held and core.transfer_target is None:
+            # The transfer was abandoned and we still lead: what waited for it goes in now.
+            held, self._held = self._held, []
+            self._proposals[:0] = held
+            self._flush_proposals()
+        if self._promoting is None and core.pending_config_index <= core.applied_index:
+            for learner in core.learners:
+                progress = core.progress(learner)
+                if progress.state == "replicate" and progress.match_index + PROMOTE_LAG >= core.commit_index:
+                    self._promoting = learner
+                    self._spawn(self._promote(learner))
+                    break
+
+    async def _promote(self, learner: str) -> None:
+        try:
+            await self._change_config(lambda config: config.with_promoted(learner), timeout=10.0)
+            log.info("learner promoted to voter", extra={"peer": learner})
+        except SpinaError as exc:
+            log.info("learner promotion postponed", extra={"peer": learner, "reason": exc.message})
+        finally:
+            self._promoting = None
 
     async def _run_ready(self) -> None:
         while self._running:
@@ -169,6 +435,8 @@ class RaftNode:
     async def _handle_ready(self) -> None:
         ready = self.core.ready()
         hard_state = ready.hard_state
+        if ready.snapshot is not None:
+            self._install_received_snapshot(*ready.snapshot)
         # Raft §10.2.1: a leader may send AppendEntries before its own fsync, since its own copy counts
         # towards a quorum only after ``advance``. Anything else a node says (votes, append acks) promises
         # durable state, so it waits for the fsync; so does a leader whose term or vote just changed.
@@ -199,6 +467,7 @@ class RaftNode:
             log.info("raft role changed", extra={"role": role, "leader": leader, "term": self.core.term})
             if role != "leader":
                 self._reroute_queued_proposals()
+                self._outgoing.clear()
             if self.on_role_change is not None:
                 self.on_role_change(role, leader)
         self.core.advance(ready)
@@ -211,19 +480,32 @@ class RaftNode:
                 else:
                     still_waiting.append((index, waiter))
             self._applied_waiters = still_waiting
+        if self._snapshot_due():
+            self._snapshot_task = self._spawn(self._take_snapshot())
 
     def _send(self, messages: list[Any]) -> None:
         for message in messages:
+            if message.type == MSG_SNAPSHOT:
+                self._start_snapshot_stream(message.dst)
+                continue
             self.transport.send(message.dst, encode_message(message))
 
     def _apply(self, index: int, term: int, payload: bytes) -> None:
         result: Any = None
         error: Exception | None = None
-        if payload[:1] == bytes((_raft.ENTRY_NORMAL,)):
+        kind = payload[:1]
+        if kind == _NORMAL_KIND:
             try:
                 result = self.state_machine.apply(index, payload[1:])
             except InvalidRequest as exc:
                 error = exc
+            self._bytes_since_snapshot += len(payload)
+        elif kind == _CONFIG_KIND:
+            config = ClusterConfig.decode(payload[1:])
+            self._adopt_config(config)
+            result = config.to_json()
+            log.info("cluster configuration applied", extra={"index": index, "voters": sorted(config.voters),
+                                                              "learners": sorted(config.learners)})
         self.applied_index = index
         pending = self._pending.pop(index, None)
         if pending is not None:
@@ -239,6 +521,216 @@ class RaftNode:
             else:
                 future.set_result(result)
 
+    def _adopt_config(self, config: ClusterConfig) -> None:
+        previous = self.config
+        self.config = config
+        self.core.apply_config(list(config.voters), list(config.learners))
+        for member, address in config.members.items():
+            if member != self.node_id:
+                self.transport.add_peer(member, address)
+        for member in previous.members:
+            if member not in config.members and member != self.node_id:
+                self._outgoing.pop(member, None)
+                if self._running:
+                    # Not at once: answers to requests it forwarded here (its own removal, say) are in flight.
+                    asyncio.get_running_loop().call_later(REMOVED_PEER_GRACE_SECONDS, self._forget_peer, member)
+
+    def _forget_peer(self, member: str) -> None:
+        if member not in self.config.members and self._running:
+            self.transport.remove_peer(member)
+
+    # --- snapshots: taking one ------------------------------------------------------------------------
+
+    def _snapshot_due(self) -> bool:
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return False
+        return (self.applied_index - self.snapshot_index >= self.snapshot_entries
+                or self._bytes_since_snapshot >= self.snapshot_bytes)
+
+    def current_config(self) -> ClusterConfig:
+        """The configuration with this node's own address as bound (port 0 resolved)."""
+        config = self.config
+        if self.node_id in config.voters:
+            return ClusterConfig({**config.voters, self.node_id: self.raft_addr}, dict(config.learners))
+        if self.node_id in config.learners:
+            return ClusterConfig(dict(config.voters), {**config.learners, self.node_id: self.raft_addr})
+        return config
+
+    def snapshot_now(self) -> tuple[int, int, ClusterConfig, bytes]:
+        """The state machine as of the applied index, with that index's term and configuration."""
+        index = self.applied_index
+        if index < self.core.log.snapshot_index:
+            # The core took in a snapshot from the leader that the Ready loop has not installed yet.
+            raise Unavailable("a snapshot from the leader is being installed; try again")
+        return index, self.core.log.term_at(index), self.current_config(), self.state_machine.snapshot()
+
+    async def _take_snapshot(self) -> None:
+        started = time.perf_counter()
+        try:
+            index, term, config, data = self.snapshot_now()
+        except Unavailable:
+            return  # the next Ready (the installed snapshot) makes this one unnecessary
+        self._bytes_since_snapshot = 0
+        compact_to = index - self.catch_up_entries
+        compact_term = self.core.log.term_at(compact_to) if compact_to > self.core.log.snapshot_index else 0
+        try:
+            await asyncio.to_thread(self.snapshots.write, index, term, config, data)
+        except OSError as exc:
+            log.error("writing a snapshot failed; the log keeps growing until one succeeds",
+                      extra={"index": index, "reason": str(exc)})
+            return
+        self.snapshot_index = max(self.snapshot_index, index)
+        if compact_term and compact_to > self.core.log.snapshot_index:
+            self.storage.compact(compact_to, compact_term)
+            self.core.log.compact_to(compact_to, compact_term)
+        log.info("snapshot taken", extra={"index": index, "bytes": len(data), "compacted_to": compact_to,
+                                          "seconds": round(time.perf_counter() - started, 3)})
+
+    # --- snapshots: streaming one to a follower (InstallSnapshot) -------------------------------------
+
+    def _start_snapshot_stream(self, peer: str) -> None:
+        if peer in self._outgoing:
+            return  # the core asks again while a stream runs; the stream answers
+        latest = self.snapshots.latest()
+        if latest is None:
+            log.error("a follower needs a snapshot but none is on disk", extra={"peer": peer})
+            return
+        stream = _OutgoingSnapshot(latest[0])
+        self._outgoing[peer] = stream
+        self._spawn(self._stream_snapshot(peer, stream, *latest))
+
+    async def _stream_snapshot(self, peer: str, stream: _OutgoingSnapshot, index: int, term: int,
+                               path: Path) -> None:
+        started = time.perf_counter()
+        leader_term = self.core.term
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as file:
+                offset = 0
+                while offset < size:
+                    while offset - stream.acked >= SNAPSHOT_WINDOW * SNAPSHOT_CHUNK_BYTES:
+                        stream.progress.clear()
+                        await asyncio.wait_for(stream.progress.wait(), SNAPSHOT_STALL_SECONDS)
+                    if not self.is_leader or self.core.term != leader_term or self._outgoing.get(peer) is not stream:
+                        return
+                    chunk = file.read(SNAPSHOT_CHUNK_BYTES)
+                    done = offset + len(chunk) >= size
+                    message = Message(type=MSG_SNAPSHOT, src=self.node_id, dst=peer, term=leader_term,
+                                      snapshot_index=index, snapshot_term=term, offset=offset, data=chunk,
+                                      done=done)
+                    if not self.transport.send(peer, encode_message(message)):
+                        return
+                    offset += len(chunk)
+            log.info("snapshot sent", extra={"peer": peer, "index": index, "bytes": size,
+                                             "seconds": round(time.perf_counter() - started, 3)})
+        except TimeoutError:
+            log.warning("snapshot stream stalled; the follower will be offered it again", extra={"peer": peer})
+        except OSError as exc:
+            log.error("snapshot stream failed", extra={"peer": peer, "reason": str(exc)})
+        finally:
+            if self._outgoing.get(peer) is stream:
+                # Leave the entry until the core hears the follower's verdict or times the attempt out.
+                self._spawn(self._forget_stream_later(peer, stream))
+
+    async def _forget_stream_later(self, peer: str, stream: _OutgoingSnapshot) -> None:
+        await asyncio.sleep(self.election_ticks * self.tick_seconds)
+        if self._outgoing.get(peer) is stream:
+            del self._outgoing[peer]
+
+    def _on_chunk_ack(self, src: str, message: Message) -> None:
+        stream = self._outgoing.get(src)
+        if stream is not None and message.snapshot_index == stream.index and not message.reject:
+            stream.acked = max(stream.acked, message.offset)
+            stream.progress.set()
+
+    # --- snapshots: receiving one ---------------------------------------------------------------------
+
+    def _close_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.file.close()
+            incoming.path.unlink(missing_ok=True)
+
+    def _reply(self, to: str, *, reject: bool = False, offset: int = 0, index: int = 0,
+               context: bytes = b"") -> None:
+        self.transport.send(to, encode_message(Message(
+            type=MSG_SNAPSHOT_RESPONSE, src=self.node_id, dst=to, term=self.core.term, reject=reject,
+            offset=offset, snapshot_index=index, index=index, context=context)))
+
+    def _receive_chunk(self, src: str, message: Message) -> None:
+        if message.term < self.core.term:
+            return  # from a deposed leader
+        incoming = self._incoming
+        if message.offset == 0:
+            self._close_incoming()
+            path = self.snapshots.temp_path(f"from-{src}-{message.snapshot_index}")
+            incoming = self._incoming = _IncomingSnapshot(src, message.snapshot_index, message.snapshot_term,
+                                                          path, path.open("wb"))
+        if (incoming is None or incoming.leader != src or incoming.index != message.snapshot_index
+                or incoming.received != message.offset):
+            # A chunk out of order (a lost frame, a restarted stream): start over.
+            self._close_incoming()
+            self._reply(src, reject=True, index=message.snapshot_index)
+            return
+        incoming.file.write(message.data)
+        incoming.received += len(message.data)
+        # The core keeps the leader known and the election timer quiet; it ignores the data.
+        self.core.step(Message(type=MSG_SNAPSHOT, src=src, dst=self.node_id, term=message.term,
+                               snapshot_index=message.snapshot_index, snapshot_term=message.snapshot_term))
+        self._ready.set()
+        if not message.done:
+            self._reply(src, offset=incoming.received, index=incoming.index, context=_CHUNK_ACK)
+            return
+        self._incoming = None
+        self._spawn(self._finish_incoming(incoming, message))
+
+    async def _finish_incoming(self, incoming: _IncomingSnapshot, message: Message) -> None:
+        def seal() -> None:
+            incoming.file.flush()
+            if self.snapshots.fsync:
+                os.fdatasync(incoming.file.fileno())
+            incoming.file.close()
+        try:
+            await asyncio.to_thread(seal)
+            meta = await asyncio.to_thread(verify_snapshot_file, incoming.path)
+            if (meta.index, meta.term) != (incoming.index, incoming.term):
+                raise SnapshotCorrupted(str(incoming.path), f"holds {meta.index}@{meta.term}, the leader "
+                                                            f"announced {incoming.index}@{incoming.term}")
+        except (SnapshotCorrupted, OSError) as exc:
+            log.error("received snapshot refused", extra={"leader": incoming.leader, "reason": str(exc)})
+            incoming.path.unlink(missing_ok=True)
+            self._reply(incoming.leader, reject=True, index=incoming.index)
+            return
+        self._received[(incoming.index, incoming.term)] = incoming.path
+        self.core.step(Message(type=MSG_SNAPSHOT, src=incoming.leader, dst=self.node_id, term=message.term,
+                               snapshot_index=incoming.index, snapshot_term=incoming.term, done=True))
+        self._ready.set()
+
+    def _install_received_snapshot(self, index: int, term: int) -> None:
+        # Several may have been stepped in before this Ready; the core names the one it took.
+        received = self._received
+        # A newer one may already be in the core, for a later Ready: keep those.
+        self._received = {key: path for key, path in received.items() if key[0] > index}
+        if (index, term) not in received:
+            raise RuntimeError(f"the core installed snapshot {index}@{term} that this node never received")
+        for key, other in received.items():
+            if key[0] < index or (key[0] == index and key != (index, term)):
+                other.unlink(missing_ok=True)
+        path = self.snapshots.publish(received[(index, term)], index, term)
+        # The snapshot is durable under its final name before the log forgets what it replaces.
+        self.storage.compact(index, term, discard_log=True)
+        loaded = self.snapshots.load_latest()
+        if loaded is None or loaded[0].index != index:
+            raise SnapshotCorrupted(str(path), "vanished right after it was installed")
+        meta, data = loaded
+        self.state_machine.restore(data)
+        if meta.config is not None:
+            self._adopt_config(meta.config)
+        self.applied_index = index
+        self.snapshot_index = index
+        self._bytes_since_snapshot = 0
+        log.info("snapshot installed", extra={"index": index, "term": term, "bytes": len(data)})
+
     # --- proposals ----------------------------------------------------------------------------------------
 
     async def propose(self, command: bytes, timeout: float = 10.0) -> Any:
@@ -252,7 +744,7 @@ class RaftNode:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush_proposals)
         else:
-            self._forward(command, future)
+            self._forward(KIND_FORWARD, command, future)
         # A timer handle instead of asyncio.wait_for: this is the per-write hot path, and wait_for costs
         # an extra task switch per call.
         expiry = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
@@ -269,8 +761,12 @@ class RaftNode:
         try:
             last_index = self.core.propose([command for command, _ in batch])
         except _raft.NotLeader:
+            if self.is_leader and self.core.transfer_target is not None:
+                # Handing over: hold the writes for the new leader (or for us again if the transfer fails).
+                self._held.extend(batch)
+                return
             for command, future in batch:
-                self._forward(command, future)
+                self._forward(KIND_FORWARD, command, future)
             return
         term = self.core.term
         for offset, (_, future) in enumerate(batch):
@@ -278,32 +774,62 @@ class RaftNode:
         self._ready.set()
 
     def _reroute_queued_proposals(self) -> None:
-        batch, self._proposals = self._proposals, []
+        batch, self._proposals = [*self._held, *self._proposals], []
+        self._held = []
         for command, future in batch:
-            self._forward(command, future)
+            self._forward(KIND_FORWARD, command, future)
 
-    def _forward(self, command: bytes, future: asyncio.Future[Any]) -> None:
+    def _forward(self, kind: int, body: bytes, future: asyncio.Future[Any]) -> None:
         if future.done():
             return
         leader = self.leader_id
         if leader is None or leader == self.node_id:
-            future.set_exception(Unavailable("no leader is known; the cluster may be electing one"))
+            # Mid-election: wait briefly for a leader rather than fail a write that can still go through.
+            self._spawn(self._forward_when_leader_known(kind, body, future))
             return
         if not self.transport.is_connected(leader):
             # We may learn of a leader (from its appends) before our own connection to it is up.
-            asyncio.get_running_loop().create_task(self._forward_when_connected(leader, command, future))
+            self._spawn(self._forward_when_connected(leader, kind, body, future))
             return
         request_id = next(self._request_ids)
-        self._forwards[request_id] = future
+        self._forwards[request_id] = (future, kind, body)
         future.add_done_callback(lambda _: self._forwards.pop(request_id, None))
-        if not self.transport.send(leader, encode_frame(KIND_FORWARD, _FORWARD.pack(request_id) + command)):
+        if not self.transport.send(leader, encode_frame(kind, _FORWARD.pack(request_id) + body)):
             future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
 
-    async def _forward_when_connected(self, leader: str, command: bytes, future: asyncio.Future[Any]) -> None:
-        if await self.transport.wait_connected(leader, FORWARD_CONNECT_SECONDS):
-            self._forward(command, future)
-        elif not future.done():
-            future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
+    async def _forward_when_leader_known(self, kind: int, body: bytes, future: asyncio.Future[Any]) -> None:
+        deadline = time.monotonic() + FORWARD_CONNECT_SECONDS
+        while not future.done() and self._running:
+            leader = self.leader_id
+            if leader is not None and leader != self.node_id:
+                self._forward(kind, body, future)
+                return
+            if self.is_leader and self.core.transfer_target is None:
+                if kind == KIND_FORWARD:
+                    self._proposals.append((body, future))
+                    self._flush_proposals()
+                else:
+                    request = orjson.loads(body)
+                    self._spawn(self._admin_into(future, request["op"], request["args"]))
+                return
+            if time.monotonic() > deadline:
+                future.set_exception(Unavailable("no leader is known; the cluster may be electing one"))
+                return
+            await asyncio.sleep(self.tick_seconds / 2)
+
+    async def _forward_when_connected(self, leader: str, kind: int, body: bytes,
+                                      future: asyncio.Future[Any]) -> None:
+        # Whichever comes first: the connection to ``leader``, or news of another leader (the one we knew
+        # may just have handed over and shut down).
+        deadline = time.monotonic() + FORWARD_CONNECT_SECONDS
+        while not future.done() and self._running:
+            if self.leader_id != leader or self.transport.is_connected(leader):
+                self._forward(kind, body, future)
+                return
+            if time.monotonic() > deadline:
+                future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
+                return
+            await asyncio.sleep(self.tick_seconds / 5)
 
     async def _serve_forward(self, src: str, request_id: int, command: bytes) -> None:
         status, body = _FORWARD_NOT_LEADER, b""
@@ -316,20 +842,152 @@ class RaftNode:
                 status, body = _FORWARD_FAILED, orjson.dumps({"error": exc.message, "code": exc.code})
         self.transport.send(src, encode_frame(KIND_FORWARD_RESULT, _FORWARD_RESULT.pack(request_id, status) + body))
 
+    async def _serve_admin(self, src: str, request_id: int, body: bytes) -> None:
+        status, answer = _FORWARD_NOT_LEADER, b""
+        if self.is_leader:
+            try:
+                request = orjson.loads(body)
+                status, answer = _FORWARD_OK, orjson.dumps(await self.admin(request["op"], request["args"]))
+            except (InvalidRequest, Unavailable, Timeout, NotLeader) as exc:
+                status, answer = _FORWARD_FAILED, orjson.dumps({"error": exc.message, "code": exc.code})
+            except (ValueError, KeyError, TypeError) as exc:
+                status, answer = _FORWARD_FAILED, orjson.dumps({"error": f"bad admin request: {exc}",
+                                                                "code": InvalidRequest.code})
+        self.transport.send(src, encode_frame(KIND_FORWARD_RESULT, _FORWARD_RESULT.pack(request_id, status) + answer))
+
     def _finish_forward(self, payload: bytes) -> None:
         request_id, status = _FORWARD_RESULT.unpack_from(payload)
-        future = self._forwards.pop(request_id, None)
-        if future is None or future.done():
+        entry = self._forwards.pop(request_id, None)
+        if entry is None or entry[0].done():
             return
+        future, kind, request = entry
         body = payload[_FORWARD_RESULT.size:]
         if status == _FORWARD_OK:
             future.set_result(orjson.loads(body))
         elif status == _FORWARD_NOT_LEADER:
-            future.set_exception(Unavailable("the forwarded write reached a node that is no longer leader"))
+            # It never reached a leader's log: send it again to whoever leads now.
+            self._spawn(self._forward_when_leader_known(kind, request, future))
         else:
             error = orjson.loads(body)
-            exc_type = InvalidRequest if error.get("code") == "invalid_request" else Unavailable
+            exc_type = InvalidRequest if error.get("code") == InvalidRequest.code else Unavailable
             future.set_exception(exc_type(error["error"]))
+
+    # --- cluster operations -----------------------------------------------------------------------------
+
+    async def admin(self, op: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Run a cluster operation on the leader (forwarding it there if this node does not lead).
+
+        ``add_learner`` {node_id, raft_addr}, ``promote`` {node_id}, ``remove`` {node_id},
+        ``transfer`` {to: node id or null}. Answers a JSON-able document.
+        """
+        if not self._running:
+            raise Unavailable("the node is not running")
+        if not self.is_leader:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._forward(KIND_ADMIN, orjson.dumps({"op": op, "args": args}), future)
+            result: dict[str, Any] = await asyncio.wait_for(future, timeout)
+            return result
+        if op == "add_learner":
+            node_id = str(args["node_id"])
+            address = parse_host_port(str(args["raft_addr"]), what="raft_addr")
+            if address.port == 0:
+                raise InvalidRequest("raft_addr needs a real port, not 0")
+            if self.config.address_of(node_id) == address:
+                return {"config": self.current_config().to_json(), "changed": False}
+            config = await self._change_config(lambda config: config.with_learner(node_id, address), timeout)
+        elif op == "promote":
+            node_id = str(args["node_id"])
+            if node_id in self.config.voters:
+                return {"config": self.current_config().to_json(), "changed": False}
+            config = await self._change_config(lambda config: config.with_promoted(node_id), timeout)
+        elif op == "remove":
+            node_id = str(args["node_id"])
+            if node_id not in self.config.members:
+                raise InvalidRequest(f"{node_id!r} is not a member of the cluster")
+            if node_id == self.node_id:
+                # Raft §4.2.2 lets a leader remove itself, but handing over first avoids an election timeout.
+                await self.transfer_leadership(None, timeout=min(timeout, 10.0))
+                return await self.admin(op, args, timeout)
+            config = await self._change_config(lambda config: config.without(node_id), timeout)
+        elif op == "transfer":
+            target = args.get("to")
+            leader = await self.transfer_leadership(str(target) if target else None, timeout=min(timeout, 10.0))
+            return {"leader": leader, "leader_address": self.leader_address()}
+        else:
+            raise InvalidRequest(f"unknown cluster operation {op!r}")
+        return {"config": config, "changed": True}
+
+    async def _admin_into(self, future: asyncio.Future[Any], op: str, args: dict[str, Any]) -> None:
+        try:
+            result = await self.admin(op, args)
+        except SpinaError as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
+
+    async def _change_config(self, change: Callable[[ClusterConfig], ClusterConfig],
+                             timeout: float) -> dict[str, Any]:
+        """Propose one configuration change (retrying while another is in flight) and wait until applied."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.is_leader:
+                raise Unavailable("leadership moved while changing the configuration; try again")
+            new_config = change(self.current_config())
+            try:
+                index = self.core.propose_config(new_config.encode())
+                break
+            except ConfigChangePending as exc:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"configuration change not started within {timeout:g}s: {exc}") from None
+            except _raft.NotLeader:
+                raise Unavailable("this node is handing over leadership; try again") from None
+            await asyncio.sleep(self.tick_seconds)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[index] = (self.core.term, future)
+        self._ready.set()
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(future, max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            raise Timeout(f"the configuration change at index {index} was not applied within {timeout:g}s; "
+                          "it may still be") from None
+        return result
+
+    def _best_transfer_target(self) -> str | None:
+        peers = [voter for voter in self.core.voters if voter != self.node_id]
+        if not peers:
+            return None
+        return max(peers, key=lambda peer: (self.transport.is_connected(peer),
+                                             self.core.progress(peer).match_index))
+
+    async def transfer_leadership(self, to: str | None, timeout: float = 5.0) -> str:
+        """Hand leadership to ``to`` (default: the most up-to-date voter) and wait until someone else leads;
+        returns the new leader's id. Forwarded to the leader when called on a follower."""
+        if not self.is_leader:
+            result = await self.admin("transfer", {"to": to}, timeout)
+            return str(result["leader"])
+        target = to or self._best_transfer_target()
+        if target is None:
+            raise InvalidRequest("there is no other voter to hand leadership to")
+        if target != self.node_id:
+            try:
+                self.core.transfer_leadership(target)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            self._ready.set()
+        if target == self.node_id:
+            return target
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader_id
+            if not self.is_leader and leader is not None:
+                return leader
+            if self.is_leader and self.core.transfer_target is None:
+                raise Timeout(f"{target} did not take over leadership within an election timeout")
+            if time.monotonic() > deadline:
+                raise Timeout(f"leadership did not move to {target} within {timeout:g}s")
+            await asyncio.sleep(self.tick_seconds / 5)
 
     # --- reads --------------------------------------------------------------------------------------------
 
@@ -338,11 +996,17 @@ class RaftNode:
         context = next(self._request_ids).to_bytes(8, "big") + self.node_id.encode()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._reads[context] = future
-        try:
-            self.core.read_index(context)
-        except _raft.NotLeader:
-            self._reads.pop(context, None)
-            raise Unavailable("no leader is known; a consistent read needs one") from None
+        # Mid-election (or just restarted) no leader is known: wait a little for one, as writes do.
+        deadline = time.monotonic() + min(timeout, FORWARD_CONNECT_SECONDS)
+        while True:
+            try:
+                self.core.read_index(context)
+                break
+            except _raft.NotLeader:
+                if time.monotonic() > deadline or not self._running:
+                    self._reads.pop(context, None)
+                    raise Unavailable("no leader is known; a consistent read needs one") from None
+            await asyncio.sleep(self.tick_seconds / 2)
         self._ready.set()
         try:
             index = await asyncio.wait_for(future, timeout)
@@ -360,15 +1024,25 @@ class RaftNode:
         self._applied_waiters.append((index, future))
         await asyncio.wait_for(future, timeout)
 
+    async def backup(self, timeout: float = 10.0) -> tuple[int, int, Iterator[bytes]]:
+        """A consistent snapshot of the cluster's state for ``spina snapshot save``: linearizable (everything
+        committed before the call is in it), as (index, term, snapshot-file bytes with their CRC)."""
+        await self.read_barrier(timeout)
+        index, term, config, data = self.snapshot_now()
+        return index, term, encode_snapshot(index, term, config, data)
+
     # --- peer traffic ---------------------------------------------------------------------------------------
 
     def _on_frame(self, src: str, kind: int, payload: bytes) -> None:
-        if kind == KIND_FORWARD:
+        if kind == KIND_FORWARD or kind == KIND_ADMIN:
             if len(payload) < _FORWARD.size:
                 raise FrameError("forward frame too short")
             (request_id,) = _FORWARD.unpack_from(payload)
-            asyncio.get_running_loop().create_task(
-                self._serve_forward(src, request_id, payload[_FORWARD.size:]))
+            self._last_forward_received = time.monotonic()
+            serve = self._serve_forward if kind == KIND_FORWARD else self._serve_admin
+            task = self._spawn(serve(src, request_id, payload[_FORWARD.size:]))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
             return
         if kind == KIND_FORWARD_RESULT:
             if len(payload) < _FORWARD_RESULT.size:
@@ -378,7 +1052,16 @@ class RaftNode:
         message = decode_message(kind, payload)
         if message.src != src:
             raise FrameError(f"message claims to come from {message.src!r} on {src!r}'s connection")
-        self.core.step(message)
+        if kind == MSG_SNAPSHOT and (message.data or message.done):
+            self._receive_chunk(src, message)
+        elif kind == MSG_SNAPSHOT_RESPONSE and message.context == _CHUNK_ACK:
+            self._on_chunk_ack(src, message)
+            return
+        else:
+            if kind == MSG_SNAPSHOT_RESPONSE:
+                # The follower's verdict on the whole snapshot: the stream (if any) is over.
+                self._outgoing.pop(src, None)
+            self.core.step(message)
         if src == self.core.leader_id:
             self._last_leader_contact = time.monotonic()
         self._ready.set()

@@ -609,21 +609,27 @@ class RaftStorage:
 
     # -------------------------------------------------------------------------------------- compaction
 
-    def compact(self, snapshot_index: int, snapshot_term: int) -> None:
+    def compact(self, snapshot_index: int, snapshot_term: int, *, discard_log: bool = False) -> None:
         """Record the snapshot point durably, then delete the oldest segments it fully covers.
 
         A snapshot beyond the last index (installed from the leader) empties the log: the next entry is
-        ``snapshot_index + 1``. Blocks for one fsync, plus one directory fsync per deleted segment.
+        ``snapshot_index + 1``. ``discard_log`` empties it in any case (a snapshot installed over a log
+        that diverged from the leader's: nothing after the snapshot point may survive a restart). Blocks
+        for one fsync, plus one directory fsync per deleted segment.
         """
         self._check_usable()
-        if snapshot_index <= self.snapshot_index:
+        if snapshot_index <= self.snapshot_index and not discard_log:
             return
         # The latest hard state may live in a segment about to be deleted: restate it beside the COMPACT.
         record = _encode_compact(snapshot_index, snapshot_term) + _encode_hard_state(self.hard_state)
+        if discard_log:
+            record = _encode_truncate(self.snapshot_index + 1) + record
+            self.last_index = max(snapshot_index, self.snapshot_index)
         self._write_all(record)
         self._recovered = None
-        self.snapshot_index = snapshot_index
-        self.snapshot_term = snapshot_term
+        if snapshot_index > self.snapshot_index:
+            self.snapshot_index = snapshot_index
+            self.snapshot_term = snapshot_term
         if snapshot_index > self.last_index:
             self.last_index = snapshot_index
         self.sync_blocking()

@@ -2,8 +2,10 @@
 
 Each node keeps one outbound connection per peer (reconnecting with capped exponential backoff) and
 accepts inbound connections from peers; answers travel on the answering node's own outbound connection.
-The first frame on a connection is HELLO carrying the sender's node id; every frame after it is handed
-to ``on_frame(src, kind, payload)``. Sending never blocks: a message to a peer that is unreachable or
+The first frame on a connection is HELLO carrying the sender's node id and its Raft address ("ID HOST:PORT");
+every frame after it is handed to ``on_frame(src, kind, payload)``. A HELLO from a node this one does not know
+yet teaches its address, so a node whose configuration is behind (it missed the change that added the
+current leader) can still answer that leader. Sending never blocks: a message to a peer that is unreachable or
 not draining its buffer is dropped, which Raft tolerates (it retries from its own state).
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import cast
 
 from spina_fast._raft import FrameDecoder, FrameError, encode_frame
-from spina_fast.config import HostPort
+from spina_fast.config import HostPort, parse_host_port, validate_node_id
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,8 @@ class _Inbound(asyncio.Protocol):
                     log.warning("dropping connection that did not start with HELLO", extra={"kind": kind})
                     self._transport.abort()
                     return
-                peer = payload.decode("utf-8", "replace")
-                if peer not in self._owner.peers:
+                peer, _, address_text = payload.decode("utf-8", "replace").partition(" ")
+                if peer not in self._owner.peers and not self._owner.learn_from_hello(peer, address_text):
                     log.warning("dropping connection from unknown node", extra={"peer": peer})
                     self._transport.abort()
                     return
@@ -138,7 +140,8 @@ class RaftTransport:
                 delay = min(delay * 2, self._backoff_max)
                 continue
             _no_delay(transport)
-            transport.write(encode_frame(KIND_HELLO, self.node_id.encode()))
+            hello = self.node_id if self.bound is None else f"{self.node_id} {self.bound}"
+            transport.write(encode_frame(KIND_HELLO, hello.encode()))
             self._outbound[peer] = transport
             self._connected.setdefault(peer, asyncio.Event()).set()
             log.debug("connected to peer", extra={"peer": peer, "address": str(address)})
@@ -148,8 +151,41 @@ class RaftTransport:
         self._outbound.pop(peer, None)
         if peer in self._connected:
             self._connected[peer].clear()
-        if not self._closing:
+        if not self._closing and peer in self.peers:
             self._dial(peer)
+
+    def learn_from_hello(self, peer: str, address_text: str) -> bool:
+        """Add a node that introduced itself with its address; False if the HELLO is not a valid one."""
+        try:
+            validate_node_id(peer)
+            address = parse_host_port(address_text, what=f"address of {peer}")
+        except ValueError:
+            return False
+        if peer == self.node_id or address.port == 0:
+            return False
+        log.info("learned a peer from its hello", extra={"peer": peer, "address": str(address)})
+        self.add_peer(peer, address)
+        return True
+
+    def add_peer(self, peer: str, address: HostPort) -> None:
+        """Talk to ``peer`` at ``address`` from now on (redialling if the address changed)."""
+        if peer == self.node_id:
+            return
+        previous = self.peers.get(peer)
+        self.peers[peer] = address
+        if previous != address:
+            if previous is not None:
+                self.disconnect(peer)
+            if self.bound is not None:
+                self._dial(peer)
+
+    def remove_peer(self, peer: str) -> None:
+        """Stop talking to ``peer`` (it left the cluster)."""
+        if self.peers.pop(peer, None) is not None:
+            self.disconnect(peer)
+            dialer = self._dialers.pop(peer, None)
+            if dialer is not None:
+                dialer.cancel()
 
     def send(self, peer: str, frame: bytes) -> bool:
         """Queue one encoded frame for ``peer``; False if it was dropped."""

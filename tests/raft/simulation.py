@@ -2,7 +2,10 @@
 
 Everything - the network (drops, delays, reordering, duplicates, partitions that often cut the
 leader off with a minority), crashes (also halfway through writing a Ready), quick restarts right
-after a write ("bounces"), process pauses, leadership transfers, client proposals and reads - is
+after a write ("bounces"), process pauses, leadership transfers, snapshots with log compaction (a
+follower behind the compaction point gets the leader's snapshot installed), single-server membership
+changes (a spare node added as a learner, promoted, voters removed - the leader too), client proposals
+and reads - is
 drawn from one ``random.Random(seed)``, so a seed replays exactly. The configuration (3 or 5 nodes,
 pre-vote, check-quorum, max_inflight, max_append_bytes, heartbeat interval) varies per seed too.
 Each node has a driver that follows the Ready contract (persist, send, apply, advance), sometimes
@@ -33,7 +36,10 @@ import heapq
 import random
 
 from spina_fast._raft import (
+    ENTRY_CONFIG,
     ENTRY_NORMAL,
+    MSG_SNAPSHOT,
+    ConfigChangePending,
     Message,
     NotLeader,
     RaftCore,
@@ -71,16 +77,43 @@ class Faults:
     pause: float = 0.004
     hold_ready: float = 0.25
     transfer: float = 0.01
+    compact: float = 0.03
+    config_change: float = 0.01
 
 
 @dataclasses.dataclass
 class Disk:
-    """Exactly what a driver persisted: the hard state and the log (entries[i] is index i + 1)."""
+    """Exactly what a driver persisted: the hard state, the snapshot (index, term and the configuration
+    as of it; the state machine is just its applied index here) and the log after it (entries[i] is
+    index snapshot_index + 1 + i)."""
 
     term: int = 0
     voted_for: str = ""
     commit_index: int = 0
+    snapshot_index: int = 0
+    snapshot_term: int = 0
+    snapshot_config: tuple[list[str], list[str]] | None = None
     entries: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+
+    @property
+    def last_index(self) -> int:
+        return self.snapshot_index + len(self.entries)
+
+    def term_at(self, index: int) -> int:
+        if index == self.snapshot_index:
+            return self.snapshot_term
+        if index < self.snapshot_index or index > self.last_index:
+            return 0
+        return self.entries[index - self.snapshot_index - 1][0]
+
+
+def encode_config(voters: list[str], learners: list[str]) -> bytes:
+    return f"{','.join(voters)}|{','.join(learners)}".encode()
+
+
+def decode_config(data: bytes) -> tuple[list[str], list[str]]:
+    voters, learners = data.decode().split("|")
+    return (voters.split(",") if voters else []), (learners.split(",") if learners else [])
 
 
 class SimNode:
@@ -94,6 +127,7 @@ class SimNode:
         self.paused_until = 0            # a frozen process (GC pause, stalled VM): no ticks, no messages
         self.leader_term = 0             # the term in which the checker last saw it lead
         self.leader_last = (0, 0)        # (last index, its term) seen while leading that term
+        self.received_snapshots: dict[tuple[int, int], bytes] = {}  # delivered, not yet installed
 
 
 class Simulation:
@@ -102,7 +136,9 @@ class Simulation:
         self.rng = random.Random(seed)
         rng = self.rng
         self.node_count = rng.choice((3, 5))
-        self.ids = [f"n{i}" for i in range(1, self.node_count + 1)]
+        # The initial voters, plus one spare node outside the configuration that membership changes add.
+        self.initial_voters = [f"n{i}" for i in range(1, self.node_count + 1)]
+        self.ids = [*self.initial_voters, f"n{self.node_count + 1}"]
         self.nodes = {node_id: SimNode(node_id) for node_id in self.ids}
         # Vary the configuration per seed so every mode meets faults, favouring the default one.
         defaults = rng.random() < 0.6
@@ -161,7 +197,7 @@ class Simulation:
             core = node.core
             state = (f"{core.role} term={core.term} leader={core.leader_id} commit={core.commit_index} "
                      f"last={core.last_index}" if core is not None else "down")
-            lines.append(f"  {node.node_id}: {state} disk_last={len(node.disk.entries)} "
+            lines.append(f"  {node.node_id}: {state} disk_last={node.disk.last_index} "
                          f"disk_term={node.disk.term}")
         return "\n".join(lines)
 
@@ -241,10 +277,44 @@ class Simulation:
             for node_id in self._believed_leaders():
                 node = self.nodes[node_id]
                 assert node.core is not None
-                target = rng.choice([peer for peer in self.ids if peer != node_id])
+                voters = [peer for peer in node.core.voters if peer != node_id]
+                if not voters:
+                    continue
+                target = rng.choice(voters)
                 node.core.transfer_leadership(target)
                 self._note(("transfer", f"{node_id}->{target}"))
                 self._after_input(node)
+        if rng.random() < faults.config_change:
+            for node_id in self._believed_leaders()[:1]:
+                self._change_config(self.nodes[node_id])
+
+    def _change_config(self, node: SimNode) -> None:
+        """One single-server change: add a non-member as learner, promote a learner, or remove a voter
+        (never below three; the leader itself included)."""
+        core = node.core
+        assert core is not None
+        voters, learners = core.voters, core.learners
+        outsiders = [node_id for node_id in self.ids if node_id not in voters and node_id not in learners]
+        choices: list[tuple[str, list[str], list[str]]] = []
+        if outsiders:
+            newcomer = self.rng.choice(outsiders)
+            choices.append((f"add {newcomer}", voters, [*learners, newcomer]))
+        if learners:
+            promoted = self.rng.choice(learners)
+            choices.append((f"promote {promoted}", [*voters, promoted], [m for m in learners if m != promoted]))
+        if len(voters) > 3:
+            removed = self.rng.choice(voters)
+            choices.append((f"remove {removed}", [m for m in voters if m != removed], learners))
+        if not choices:
+            return
+        what, new_voters, new_learners = self.rng.choice(choices)
+        try:
+            index = core.propose_config(encode_config(new_voters, new_learners))
+        except (ConfigChangePending, NotLeader):
+            return
+        self._note(("config", f"{node.node_id} proposes {what} at {index}"))
+        self.events[f"config-{what.split()[0]}"] += 1
+        self._after_input(node)
 
     def _crash(self, node: SimNode, why: str) -> None:
         node.core = None
@@ -253,19 +323,27 @@ class Simulation:
 
     def _start(self, node: SimNode) -> None:
         node.incarnation += 1
+        disk = node.disk
+        # The configuration as of the snapshot; the log's committed config entries are applied on top.
+        if disk.snapshot_config is not None:
+            voters, learners = disk.snapshot_config
+        else:
+            voters, learners = (self.initial_voters if node.node_id in self.initial_voters else []), []
         core = RaftCore(
-            node.node_id, self.ids, election_ticks=ELECTION_TICKS, heartbeat_ticks=self.heartbeat_ticks,
-            pre_vote=self.pre_vote, check_quorum=self.check_quorum,
+            node.node_id, voters, learners=learners, election_ticks=ELECTION_TICKS,
+            heartbeat_ticks=self.heartbeat_ticks, pre_vote=self.pre_vote, check_quorum=self.check_quorum,
             seed=self.seed * 7919 + node.incarnation, max_append_bytes=self.max_append_bytes,
             max_inflight=self.max_inflight,
         )
-        disk = node.disk
         core.restore(disk.term, disk.voted_for, disk.commit_index,
-                     [(index, term, payload) for index, (term, payload) in enumerate(disk.entries, 1)])
+                     [(index, term, payload) for index, (term, payload) in enumerate(disk.entries,
+                                                                                      disk.snapshot_index + 1)],
+                     disk.snapshot_index, disk.snapshot_term)
         if core.term < disk.term:
             raise SafetyViolation(f"{node.node_id} restarted at term {core.term} below its durable {disk.term}")
         node.core = core
-        node.applied_index = 0
+        node.applied_index = disk.snapshot_index
+        node.received_snapshots = {}
         node.leader_term = 0
         if node.incarnation > 1:
             self._note(("restart", node.node_id))
@@ -319,6 +397,16 @@ class Simulation:
 
     def _send(self, msg: Message) -> None:
         rng = self.rng
+        if msg.type == MSG_SNAPSHOT and not msg.done:
+            # The driver streams its snapshot; here it travels whole, with the configuration as its data.
+            disk = self.nodes[msg.src].disk
+            # (A later compaction may have replaced the snapshot the core asked for: the newest one goes.)
+            if disk.snapshot_config is None or disk.snapshot_index < msg.snapshot_index:
+                raise SafetyViolation(f"{msg.src} asks to send snapshot {msg.snapshot_index}@{msg.snapshot_term} "
+                                      f"but holds {disk.snapshot_index}@{disk.snapshot_term}")
+            msg = Message(type=MSG_SNAPSHOT, src=msg.src, dst=msg.dst, term=msg.term,
+                          snapshot_index=disk.snapshot_index, snapshot_term=disk.snapshot_term,
+                          data=encode_config(*disk.snapshot_config), done=True)
         frame = encode_message(msg)
         if self.faulty:
             delay = 0 if rng.random() < 0.5 else rng.randint(1, self.faults.max_delay)
@@ -356,6 +444,8 @@ class Simulation:
             self._maybe_finish_held(node)
             if node.core is None:
                 continue
+            if msg.type == MSG_SNAPSHOT:
+                node.received_snapshots[(msg.snapshot_index, msg.snapshot_term)] = msg.data
             node.core.step(msg)
             self._after_input(node)
 
@@ -383,16 +473,21 @@ class Simulation:
         core = node.core
         assert core is not None
         disk = node.disk
+        if ready.snapshot is not None:
+            self._install_snapshot(node, *ready.snapshot)
         if ready.entries:
             first = ready.entries[0][0]
-            if first <= len(disk.entries):
+            if first <= disk.snapshot_index:
+                raise SafetyViolation(f"{node.node_id} rewrites entry {first}, covered by its snapshot at "
+                                      f"{disk.snapshot_index}")
+            if first <= disk.last_index:
                 if node.leader_term and core.role == "leader" and core.term == node.leader_term:
                     raise SafetyViolation(f"leader {node.node_id} truncates its log from {first}")
                 self.events["truncate"] += 1
-                del disk.entries[first - 1:]
-            elif first != len(disk.entries) + 1:
+                del disk.entries[first - disk.snapshot_index - 1:]
+            elif first != disk.last_index + 1:
                 raise SafetyViolation(f"{node.node_id} hands out entries from {first} but its disk ends "
-                                      f"at {len(disk.entries)}")
+                                      f"at {disk.last_index}")
             entries = ready.entries
             if self.faulty and self.rng.random() < self.faults.crash_mid_persist:
                 # Crash while writing: a prefix of the entries reached the disk, the hard state did not.
@@ -411,23 +506,64 @@ class Simulation:
             self._serve_read(node, context, index)
         core.advance(ready)
         self._check_node(node)
+        # (Not while a snapshot the core already took in waits in a held Ready: the log is the snapshot's.)
+        if (self.faulty and node.applied_index > disk.snapshot_index and node.applied_index >= core.log.snapshot_index
+                and self.rng.random() < self.faults.compact):
+            self._compact(node)
         bounce = self.faults.bounce_after_hard_state if ready.hard_state is not None else self.faults.bounce
         if self.faulty and self.rng.random() < bounce:
             # A process restart right after a write: only what is on disk survives (a vote, say).
             self._crash(node, "bounce")
             self._start(node)
 
+    def _compact(self, node: SimNode) -> None:
+        """Snapshot the state machine at its applied index and drop the log up to it, on disk and in memory."""
+        core = node.core
+        assert core is not None
+        disk = node.disk
+        index = node.applied_index
+        term = core.log.term_at(index)
+        if disk.term_at(index) != term:
+            raise SafetyViolation(f"{node.node_id} applied {index}@{term}, its disk holds term {disk.term_at(index)}")
+        del disk.entries[:index - disk.snapshot_index]
+        disk.snapshot_index, disk.snapshot_term = index, term
+        disk.snapshot_config = (core.voters, core.learners)
+        core.log.compact_to(index, term)
+        self._note(("compact", f"{node.node_id} to {index}"))
+
+    def _install_snapshot(self, node: SimNode, index: int, term: int) -> None:
+        core = node.core
+        assert core is not None
+        # Several may have arrived before the driver got to this Ready; the core names the one it took.
+        received = node.received_snapshots
+        # A newer one may already be in the core, for a later Ready: keep those.
+        node.received_snapshots = {key: data for key, data in received.items() if key[0] > index}
+        if (index, term) not in received:
+            raise SafetyViolation(f"{node.node_id} installs snapshot {index}@{term}, it received {sorted(received)}")
+        # State machine safety: a snapshot only ever covers committed entries, and the same ones everywhere.
+        known = self.committed.get(index)
+        if known is None or known[0] != term:
+            raise SafetyViolation(f"{node.node_id} installs snapshot {index}@{term}; committed there: {known}")
+        voters, learners = decode_config(received[(index, term)])
+        disk = node.disk
+        disk.entries.clear()
+        disk.snapshot_index, disk.snapshot_term = index, term
+        disk.snapshot_config = (voters, learners)
+        core.apply_config(voters, learners)
+        node.applied_index = index
+        self._note(("install", f"{node.node_id} at {index}"))
+
     def _write_entries(self, node: SimNode, entries: list[tuple[int, int, bytes]]) -> None:
-        disk_entries = node.disk.entries
+        disk = node.disk
         identity = self.entry_identity
         for index, term, payload in entries:
-            previous_term = disk_entries[index - 2][0] if index >= 2 else 0
+            previous_term = disk.term_at(index - 1)
             known = identity.setdefault((index, term), (payload, previous_term))
             if known != (payload, previous_term):
                 raise SafetyViolation(
                     f"log matching: {node.node_id} writes ({index}, {term}) = {(payload, previous_term)}, "
                     f"another log holds {known}")
-            disk_entries.append((term, payload))
+            disk.entries.append((term, payload))
 
     def _apply(self, node: SimNode, index: int, term: int, payload: bytes) -> None:
         if index != node.applied_index + 1:
@@ -437,6 +573,8 @@ class Simulation:
             raise SafetyViolation(f"state machine safety: {node.node_id} applies {(term, payload)} at {index}, "
                                   f"another node applied {known}")
         node.applied_index = index
+        if payload[0] == ENTRY_CONFIG and node.core is not None:
+            node.core.apply_config(*decode_config(payload[1:]))
 
     def _serve_read(self, node: SimNode, context: bytes, index: int) -> None:
         requested = self.pending_reads.get(context)
@@ -495,7 +633,8 @@ class Simulation:
         if log.last_index < highest:
             raise SafetyViolation(f"leader completeness: {node.node_id} leads term {node.core.term} with last "
                                   f"index {log.last_index}, but {highest} was committed in an earlier term")
-        for index, entry in zip(range(1, highest + 1), log.entries(1, highest), strict=True):
+        first = log.first_index
+        for index, entry in zip(range(first, highest + 1), log.entries(first, highest), strict=True):
             known = self.committed.get(index)
             if known is not None and entry != known:
                 raise SafetyViolation(f"leader completeness: {node.node_id} holds {entry} at {index}, "
@@ -503,16 +642,26 @@ class Simulation:
 
     # -- Liveness after healing ---------------------------------------------------------------------
 
+    def _members(self, leader: SimNode) -> list[SimNode]:
+        assert leader.core is not None
+        return [self.nodes[node_id] for node_id in (*leader.core.voters, *leader.core.learners)]
+
     def _stable_leader(self) -> SimNode | None:
-        leaders = self._believed_leaders()
-        if len(leaders) != 1:
+        # A node removed while cut off may still believe it leads an old term (with check-quorum and
+        # pre-vote off nobody tells it otherwise); only members of the newest leader's configuration count.
+        leaders = sorted((self.nodes[node_id] for node_id in self._believed_leaders()),
+                         key=lambda node: node.core.term if node.core is not None else 0)
+        if not leaders:
             return None
-        leader = self.nodes[leaders[0]]
+        leader = leaders[-1]
         core = leader.core
         assert core is not None
+        members = self._members(leader)
+        if any(other is not leader and other in members for other in leaders):
+            return None
         if core.log.term_at(core.commit_index) != core.term or core.transfer_target is not None:
             return None
-        for node in self.nodes.values():
+        for node in members:
             if node.core is None or node.core.term != core.term or node.core.leader_id != leader.node_id:
                 return None
         return leader
@@ -537,7 +686,8 @@ class Simulation:
         # Catching up a lagging follower takes about one round trip (<= 2 healed ticks) per append,
         # and with a small max_append_bytes an append may carry a single entry.
         assert leader.core is not None
-        backlog = leader.core.last_index - min(node.core.commit_index for node in self.nodes.values()
+        members = self._members(leader)
+        backlog = leader.core.last_index - min(node.core.commit_index for node in members
                                                if node.core is not None)
         deadline = self.now + COMMIT_BOUND + 2 * backlog
         proposed: list[tuple[int, int]] = []
@@ -548,7 +698,7 @@ class Simulation:
             proposed.append((last, leader.core.term))
             self._tick_round()
         highest = max(index for index, _ in proposed)
-        while any(node.applied_index < highest for node in self.nodes.values()):
+        while any(node.applied_index < highest for node in members):
             if self.now >= deadline:
                 raise SafetyViolation(f"liveness: proposals up to {highest} not applied everywhere by tick "
                                       f"{deadline} (backlog {backlog} entries when the leader was stable)")

@@ -6,6 +6,7 @@ import pytest
 
 from spina_fast import _raft
 from spina_fast._raft import (
+    ENTRY_CONFIG,
     ENTRY_NOOP,
     ENTRY_NORMAL,
     MSG_APPEND,
@@ -21,6 +22,7 @@ from spina_fast._raft import (
     MSG_TIMEOUT_NOW,
     MSG_VOTE,
     MSG_VOTE_RESPONSE,
+    ConfigChangePending,
     Message,
     NotLeader,
     RaftCore,
@@ -102,7 +104,7 @@ def test_compiled_extension_is_loaded() -> None:
 @pytest.mark.parametrize(
     ("voters", "options", "message"),
     [
-        (["b", "c"], {}, "not among the voters"),
+        (["b", "c", "b"], {}, "twice"),
         (["a", "a", "b"], {}, "twice"),
         (["a", ""], {}, "non-empty strings"),
         (VOTERS, {"election_ticks": 1, "heartbeat_ticks": 1}, "must exceed heartbeat_ticks"),
@@ -721,7 +723,156 @@ def test_message_for_another_node_is_refused() -> None:
         RaftCore("a", VOTERS).step(Message(type=MSG_HEARTBEAT, src="b", dst="c", term=1))
 
 
-def test_message_from_a_non_voter_is_ignored() -> None:
+def test_vote_request_from_a_non_voter_is_ignored() -> None:
     core = RaftCore("a", VOTERS)
-    core.step(Message(type=MSG_APPEND, src="intruder", dst="a", term=9))
+    for kind in (MSG_VOTE, MSG_PRE_VOTE):
+        core.step(Message(type=kind, src="removed", dst="a", term=9, index=50, log_term=9))
     assert core.term == 0 and not core.has_ready()
+
+
+# -- Membership (Raft §4.1 single-server changes, applied when committed) ----------------------------
+
+
+def apply_committed_configs(net: Net) -> None:
+    """Apply every committed ENTRY_CONFIG entry the way a driver does: data is 'voters|learners'."""
+    for node_id, entries in net.applied.items():
+        for _, _, payload in entries:
+            if entry_kind(payload) == ENTRY_CONFIG:
+                voters, learners = payload[1:].decode().split("|")
+                net.cores[node_id].apply_config(voters.split(",") if voters else [],
+                                                learners.split(",") if learners else [])
+        entries.clear()
+    net.settle()
+
+
+def add_node(net: Net, node_id: str) -> RaftCore:
+    core = RaftCore(node_id, [], seed=7)
+    net.cores[node_id] = core
+    net.read_states[node_id] = []
+    net.applied[node_id] = []
+    return core
+
+
+def test_a_learner_replicates_but_never_votes_or_counts_towards_commit() -> None:
+    net, leader = leader_with_followers()
+    learner = add_node(net, "d")
+    leader.propose_config(b"a,b,c|d")
+    net.settle()
+    apply_committed_configs(net)
+    assert leader.learners == ["d"] and leader.voters == VOTERS
+    learner.apply_config(VOTERS, ["d"])
+    leader.propose([b"x"])
+    net.settle()
+    assert learner.last_index == leader.last_index and learner.commit_index == leader.commit_index
+    assert leader.progress("d").match_index == leader.last_index
+    # With b and c cut off the learner's copy is not a quorum.
+    net.cut = {"b", "c"}
+    index = leader.propose([b"y"])
+    net.settle()
+    assert learner.last_index == index and leader.commit_index < index
+    # And it never campaigns, however long it hears nothing.
+    net.cut = {"a"}
+    net.tick(["d"], times=50)
+    assert learner.role == "follower" and learner.term == leader.term
+
+
+def test_promoted_learner_counts_towards_the_quorum() -> None:
+    net, leader = leader_with_followers()
+    add_node(net, "d")
+    leader.propose_config(b"a,b,c|d")
+    net.settle()
+    apply_committed_configs(net)
+    leader.propose_config(b"a,b,c,d|")
+    net.settle()
+    apply_committed_configs(net)
+    assert leader.voters == ["a", "b", "c", "d"] and net.cores["d"].is_voter
+    net.cut = {"c"}
+    index = leader.propose([b"x"])
+    net.settle()
+    assert leader.commit_index == index  # a, b, d: three of four
+    net.cut = {"c", "d"}
+    index = leader.propose([b"y"])
+    net.settle()
+    assert leader.commit_index < index  # a, b: two of four is no quorum
+
+
+def test_only_one_configuration_change_at_a_time() -> None:
+    net, leader = leader_with_followers()
+    add_node(net, "d")
+    index = leader.propose_config(b"a,b,c|d")
+    assert leader.pending_config_index == index
+    with pytest.raises(ConfigChangePending, match="not applied"):
+        leader.propose_config(b"a,b,c|")
+    net.settle()
+    apply_committed_configs(net)
+    leader.propose_config(b"a,b,c|")
+
+
+def test_a_new_leader_changes_the_configuration_only_after_committing_in_its_term() -> None:
+    leader = RaftCore("x", ["x", "y", "z"], pre_vote=False)
+    while leader.role != "candidate":
+        leader.tick()
+    leader.step(Message(type=MSG_VOTE_RESPONSE, src="y", dst="x", term=leader.term))
+    assert leader.role == "leader"
+    with pytest.raises(ConfigChangePending, match="not committed an entry of its term"):
+        leader.propose_config(b"x,y,z|w")
+    sent(leader)  # the no-op is durable here
+    leader.step(Message(type=MSG_APPEND_RESPONSE, src="y", dst="x", term=leader.term, index=1))
+    assert leader.commit_index == 1
+    sent(leader)
+    assert leader.propose_config(b"x,y,z|w") == 2
+
+
+def test_removing_a_voter_shrinks_the_quorum_and_stops_replication_to_it() -> None:
+    net, leader = leader_with_followers()
+    leader.propose_config(b"a,b|")
+    net.settle()
+    apply_committed_configs(net)
+    assert leader.voters == ["a", "b"]
+    with pytest.raises(ValueError, match="not a peer"):
+        leader.progress("c")
+    net.cut = {"c"}
+    index = leader.propose([b"x"])
+    net.settle()
+    assert leader.commit_index == index
+    # The removed node's campaigns are ignored by the remaining voters.
+    removed = net.cores["c"]
+    term = leader.term
+    net.cut = set()
+    removed.apply_config(["a", "b", "c"], [])  # as if it never learned of its removal
+    net.tick(["c"], times=40)
+    assert leader.role == "leader" and leader.term == term
+
+
+def test_a_leader_that_removes_itself_steps_down() -> None:
+    net, leader = leader_with_followers()
+    leader.propose_config(b"b,c|")
+    net.settle()
+    apply_committed_configs(net)
+    assert leader.role == "follower" and not leader.is_voter
+    net.tick(["b", "c"], times=40)
+    assert {net.cores["b"].role, net.cores["c"].role} == {"leader", "follower"}
+    net.tick(["a"], times=40)
+    assert leader.role == "follower"
+
+
+def test_transfer_to_a_learner_is_refused_and_timeout_now_does_not_make_it_campaign() -> None:
+    net, leader = leader_with_followers()
+    learner = add_node(net, "d")
+    leader.propose_config(b"a,b,c|d")
+    net.settle()
+    apply_committed_configs(net)
+    learner.apply_config(VOTERS, ["d"])
+    with pytest.raises(ValueError, match="not a voter"):
+        leader.transfer_leadership("d")
+    learner.step(Message(type=MSG_TIMEOUT_NOW, src="a", dst="d", term=leader.term))
+    assert learner.role == "follower" and not learner.has_ready()
+
+
+def test_invalid_configurations_are_refused() -> None:
+    core = RaftCore("a", VOTERS)
+    with pytest.raises(ValueError, match="voter and learner"):
+        core.apply_config(["a", "b"], ["b"])
+    with pytest.raises(ValueError, match="twice"):
+        core.apply_config(["a", "a"], [])
+    assert core.voters == VOTERS

@@ -26,13 +26,15 @@ def test_same_seed_replays_the_same_history() -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_fault_free_cluster_commits_every_proposal(seed: int) -> None:
     quiet = Faults(drop=0, duplicate=0, max_delay=1, crash=0, restart=0, partition=0, heal_partition=0,
-                   crash_mid_persist=0, hold_ready=0, transfer=0, bounce=0, bounce_after_hard_state=0, pause=0)
+                   crash_mid_persist=0, hold_ready=0, transfer=0, bounce=0, bounce_after_hard_state=0, pause=0,
+                   compact=0, config_change=0)
     simulation = Simulation(seed, fault_ticks=100, faults=quiet)
     simulation.run()
     assert simulation.elections == 1 and simulation.events["truncate"] == 0
     assert simulation.events["propose"] > 30 and len(simulation.committed) > 30
     # Everything but the last few ticks' proposals (still in flight when run() returns) is everywhere.
-    assert all(node.applied_index >= max(simulation.committed) - 10 for node in simulation.nodes.values())
+    assert all(simulation.nodes[node_id].applied_index >= max(simulation.committed) - 15
+               for node_id in simulation.initial_voters)
 
 
 def test_faulty_runs_exercise_every_kind_of_fault() -> None:
@@ -42,7 +44,8 @@ def test_faulty_runs_exercise_every_kind_of_fault() -> None:
         simulation.run()
         for event, count in simulation.events.items():
             totals[event] = totals.get(event, 0) + count
-    for event in ("crash", "crash-mid", "bounce", "restart", "partition", "pause", "transfer", "truncate", "read"):
+    for event in ("crash", "crash-mid", "bounce", "restart", "partition", "pause", "transfer", "truncate", "read",
+                  "compact", "install", "config"):
         assert totals.get(event, 0) > 0, f"no {event} in 20 seeds: {totals}"
 
 
@@ -105,3 +108,25 @@ def test_checker_reports_a_leader_missing_a_committed_entry() -> None:
     simulation.committed[1] = (1, b"\x00not what the leader holds")
     with pytest.raises(SafetyViolation, match="leader completeness"):
         simulation._check_leader_completeness(leader)
+
+
+def test_membership_changes_cover_add_promote_and_remove() -> None:
+    totals: dict[str, int] = {}
+    for seed in range(20):
+        simulation = Simulation(seed, fault_ticks=300, faults=Faults(config_change=0.08))
+        simulation.run()
+        for event, count in simulation.events.items():
+            totals[event] = totals.get(event, 0) + count
+    for kind in ("add", "promote", "remove"):
+        assert totals.get(f"config-{kind}", 0) > 0, totals
+
+
+def test_checker_reports_a_snapshot_of_uncommitted_entries() -> None:
+    simulation = Simulation(5, fault_ticks=0)
+    simulation.faulty = False
+    leader = settled_leader(simulation)
+    follower = next(node for node in simulation.nodes.values() if node is not leader)
+    assert follower.core is not None
+    follower.received_snapshots[(10_000, 1)] = b"n1,n2,n3|"
+    with pytest.raises(SafetyViolation, match="installs snapshot"):
+        simulation._install_snapshot(follower, 10_000, 1)
