@@ -3,6 +3,7 @@
 # data, logs and pidfiles under .services/ (git-ignored).
 #
 #   scripts/services.sh start|stop|status <service>...
+#   scripts/services.sh kill-broker|start-broker kafka3 1|2|3
 #   services: kafka kafka3 redis prometheus temporal all
 #
 #   kafka       1 Kafka broker, KRaft combined mode   127.0.0.1:9092 (controller 9093)
@@ -557,6 +558,36 @@ cmd_status() {
   return $rc
 }
 
+# kill-broker kafka3 N: SIGKILL broker N (a crash: no controlled shutdown),
+# for durability tests. start-broker kafka3 N starts it again (the others
+# are running, so only N is launched) and waits until all three serve.
+cmd_kill_broker() {
+  local n=$1 i=0 pid pidfile marker ports
+  mkdir -p "$DIR"
+  exec 9>"$DIR/.lock"
+  flock -w 300 9 || die "timed out waiting for $DIR/.lock"
+  while IFS=$'\t' read -r pidfile marker ports; do
+    i=$((i + 1))
+    ((i == n)) || continue
+    pid="$(instance_pid "$pidfile" "$marker")"
+    if [[ -z $pid ]]; then say "kafka3 broker $n is not running"; return 0; fi
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    while pid_alive "$pid" ""; do sleep 0.05; done
+    rm -f "$pidfile"
+    say "kafka3 broker $n killed (pid $pid)"
+  done < <(instances kafka3)
+}
+
+cmd_start_broker() {
+  local t0=$EPOCHREALTIME
+  mkdir -p "$DIR"
+  exec 9>"$DIR/.lock"
+  flock -w 300 9 || die "timed out waiting for $DIR/.lock"
+  require_kafka
+  launch_kafka3
+  wait_ready kafka3 "$t0" ""
+}
+
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
   exit 2
@@ -565,6 +596,12 @@ usage() {
 main() {
   (($# >= 2)) || usage
   local cmd=$1 svc; shift
+  case $cmd in
+    kill-broker | start-broker)
+      [[ $# == 2 && $1 == kafka3 && $2 =~ ^[123]$ ]] || { err "usage: $cmd kafka3 1|2|3"; exit 2; }
+      "cmd_${cmd//-/_}" "$2"
+      return ;;
+  esac
   local -a svcs=()
   for svc in "$@"; do
     case $svc in

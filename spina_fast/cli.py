@@ -28,6 +28,7 @@ from spina_fast.config import (
     parse_peers,
 )
 from spina_fast.errors import InvalidRequest, SpinaError
+from spina_fast.events import cli as events_cli
 from spina_fast.log import configure_logging
 from spina_fast.runtime import tune_gc
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_cli.add_agent_flags(agent)
     cluster_cli.add_parsers(commands)
     prometheus_cli.add_parsers(commands)
+    events_cli.add_parsers(commands)
     return parser
 
 
@@ -346,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shutil.rmtree(temp_dir, ignore_errors=True)
     clients = {"kv": _run_kv, "config": _run_config, "cluster": cluster_cli.run_cluster,
                "snapshot": cluster_cli.run_snapshot, "prometheus": prometheus_cli.run_prometheus}
+    clients["events"] = events_cli.run_events
     if args.command in clients:
         try:
             return clients[args.command](args)

@@ -1,0 +1,32 @@
+# Declarations of spina_fast._events (the event bus's per-event hot paths).
+
+cdef class Event:
+    cdef readonly str id
+    cdef readonly str type
+    cdef readonly str source
+    cdef readonly str aggregate_id
+    cdef readonly str time
+    cdef readonly object schema_version
+    cdef readonly object correlation_id
+    cdef readonly object payload
+    cdef readonly str topic
+    cdef readonly int partition
+    cdef readonly long long offset
+    cdef object _message
+    cdef object _traceparent
+
+
+cdef class EnvelopeWriter:
+    cdef readonly str source
+    cdef bytes _source_json
+    cdef char _prefix[16]
+    cdef unsigned long long _counter
+    cdef inline void _write_id(self, char* buf) noexcept
+
+
+cdef class DeliveryCounter:
+    cdef Py_ssize_t _remaining
+    cdef readonly Py_ssize_t count
+    cdef readonly list failures
+    cdef object _on_done
+    cdef inline void _settle(self, Py_ssize_t done)

@@ -1,0 +1,54 @@
+from collections.abc import Callable
+from typing import Any
+
+class EncodeError(ValueError):
+    index: int
+    reason: str
+    cause: BaseException | None
+    size: int
+    def __init__(self, index: int, reason: str, cause: BaseException | None = ..., size: int = ...) -> None: ...
+
+class ProduceFailed(Exception):
+    index: int
+    cause: BaseException
+    def __init__(self, index: int, cause: BaseException) -> None: ...
+
+class Event:
+    id: str
+    type: str
+    source: str
+    aggregate_id: str
+    time: str
+    schema_version: int
+    correlation_id: str | None
+    payload: Any
+    topic: str
+    partition: int
+    offset: int
+    def __init__(self, id: str, type: str, source: str, aggregate_id: str, time: str, schema_version: int,
+                 correlation_id: str | None, payload: Any, topic: str = ..., partition: int = ..., offset: int = ...,
+                 message: Any = ...) -> None: ...
+    @property
+    def traceparent(self) -> str | None: ...
+    @property
+    def message(self) -> Any: ...
+
+class EnvelopeWriter:
+    source: str
+    def __init__(self, source: str) -> None: ...
+    def next_id(self) -> str: ...
+    def encode_batch(self, event_type: str, items: list[Any], schema_version: int, time_text: str, max_bytes: int,
+                     traceparent_ok: Callable[[str], object]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]: ...
+
+def produce_all(produce: Callable[..., None], topic: str, encoded: list[tuple[bytes, bytes, list[tuple[str, bytes]]]],
+                start: int, on_delivery: Callable[[Any, Any], None] | None) -> int: ...
+
+class DeliveryCounter:
+    count: int
+    failures: list[tuple[Any, bytes | None, bytes | None]]
+    def __init__(self, count: int, on_done: Callable[[], object]) -> None: ...
+    def __call__(self, error: Any, message: Any) -> None: ...
+    def not_sent(self, count: int, error: Any, key: bytes, value: bytes) -> None: ...
+
+def decode_batch(messages: list[Any]) -> tuple[list[Event], list[tuple[Any, str]], list[Any],
+                                                dict[tuple[str, int], int]]: ...

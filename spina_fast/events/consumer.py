@@ -1,0 +1,299 @@
+"""The consumer pipeline: batched fetches, batch handlers, at-least-once offsets, retries, dead letters.
+
+One fetch thread owns the librdkafka consumer (its rebalance callbacks run there too); the event loop runs
+the handler. Batches are handled one after the other, so when a rebalance callback runs no batch is in
+the handler and every finished batch's offsets are already stored: committing them on revoke hands the
+partition over without redelivering anything that was handled. An event's offset is stored only after
+its handler returned, or after it was written to ``<topic>.dlq``; a crash redelivers what was in the
+handler (and, with ``commit_mode`` "async" or "interval", what was handled since the last commit that landed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+
+from spina_fast.errors import NotFound, SpinaError
+from spina_fast.events._kafka import kafka_error, wait_for_cluster
+from spina_fast.events.config import ConsumerConfig, kafka_log
+from spina_fast.events.envelope import EnvelopeError, Event, decode_batch
+from spina_fast.events.errors import DeadLetterFailed
+from spina_fast.events.topics import dlq_topic, validate_topic
+
+log = logging.getLogger("spina_fast.events")
+
+BatchHandler = Callable[[list[Event]], Awaitable[None] | None]
+
+# Headers added to a dead-lettered message (its own headers, e.g. traceparent, are kept).
+ERROR_HEADER = "spina-error"
+ERROR_TYPE_HEADER = "spina-error-type"
+ATTEMPTS_HEADER = "spina-attempts"
+ORIGIN_HEADERS = ("spina-original-topic", "spina-original-partition", "spina-original-offset")
+
+_lag_gauges: dict[int, tuple[CollectorRegistry, Gauge]] = {}
+_lag_gauges_lock = threading.Lock()
+
+
+def lag_gauge(registry: CollectorRegistry) -> Gauge:
+    """``spina_events_consumer_lag{topic,partition,group}``, one per registry however many consumers use it."""
+    with _lag_gauges_lock:
+        entry = _lag_gauges.get(id(registry))
+        if entry is None or entry[0] is not registry:
+            gauge = Gauge("spina_events_consumer_lag", "Events in a partition not yet handled by the group "
+                          "(high watermark minus the next offset to handle).", ["topic", "partition", "group"],
+                          registry=registry)
+            entry = _lag_gauges[id(registry)] = (registry, gauge)
+        return entry[1]
+
+
+class HandlerFailed(SpinaError):
+    """An event kept failing and dead-lettering is off: the consumer stops with its offset unstored."""
+
+    code = "handler_failed"
+
+
+class EventConsumer:
+    """Consumes ``topics`` as ``config.group_id`` and hands batches of Events to ``handler`` (a function or
+    coroutine function taking a list). ``await run()`` until ``stop()``; a handler that raises is retried with
+    exponential backoff, then event by event, and an event that still fails goes to ``<topic>.dlq``."""
+
+    def __init__(self, config: ConsumerConfig, topics: Sequence[str], handler: BatchHandler, *,
+                 registry: CollectorRegistry | None = REGISTRY) -> None:
+        if isinstance(topics, str):
+            topics = [topics]
+        if not topics:
+            raise ValueError("no topics to consume")
+        for topic in topics:
+            validate_topic(topic, allow_dlq=True)
+        self.config = config
+        self.topics = list(topics)
+        self.handler = handler
+        self._lag = lag_gauge(registry) if registry is not None else None
+        self._stopping = threading.Event()
+        self._consumer: Any = None
+        self._dlq_producer: Any = None
+        # (topic, partition) -> next offset to handle, as stored; read by the lag update.
+        self._positions: dict[tuple[str, int], int] = {}
+        self._next_lag_update = 0.0
+        self._batch_wait = config.batch_wait
+        self._commit_mode = config.commit
+        self._rng = random.Random()
+        self.assigned: set[tuple[str, int]] = set()
+        self.handled = 0
+        self.dead_lettered = 0
+        self.batches = 0
+
+    def stop(self) -> None:
+        """Ends run() after the batch in hand (thread-safe)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(1, thread_name_prefix="spina-events-consumer")
+        consumer = Consumer(self.config.librdkafka())
+        self._consumer = consumer
+        pending: list[TopicPartition] = []
+        subscribed = False
+        try:
+            metadata = await wait_for_cluster(consumer, self.config.bootstrap_servers, self.config.connect_timeout_s)
+            wanted = self.topics + ([dlq_topic(t) for t in self.topics if not t.endswith(".dlq")]
+                                    if self.config.dead_letter else [])
+            missing = [t for t in wanted if t not in metadata.topics]
+            if missing:
+                raise NotFound(f"topic(s) {', '.join(missing)} do not exist on {self.config.bootstrap_servers}; "
+                               f"provision them first (spina events topics create ...; dead-letter topics are "
+                               f"created with their topic)")
+            await loop.run_in_executor(executor, lambda: consumer.subscribe(
+                self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost))
+            subscribed = True
+            while not self._stopping.is_set():
+                messages = await loop.run_in_executor(executor, self._step, pending)
+                pending = []
+                if messages:
+                    pending = await self._process(messages)
+        finally:
+            try:
+                await asyncio.shield(loop.run_in_executor(executor, self._close, pending if subscribed else []))
+            finally:
+                executor.shutdown(wait=False)
+                if self._dlq_producer is not None:
+                    self._dlq_producer.flush(10)
+                self._consumer = None
+
+    # ---- the fetch thread ----
+
+    def _step(self, offsets: list[TopicPartition]) -> list[Any]:
+        consumer = self._consumer
+        if offsets:
+            self._store(consumer, offsets)
+        now = time.monotonic()
+        if now >= self._next_lag_update:
+            self._next_lag_update = now + self.config.lag_interval_s
+            self._update_lag(consumer)
+        first = consumer.poll(self.config.poll_timeout_s)
+        if first is None:
+            return []
+        if self.config.max_batch == 1:
+            return [first]
+        # What else is fetched, waiting up to batch_wait for more (never on the priority lane).
+        return [first, *consumer.consume(self.config.max_batch - 1, self._batch_wait)]
+
+    def _store(self, consumer: Any, offsets: list[TopicPartition]) -> None:
+        # A rebalance inside the consume() that completed the batch may have taken some of its partitions:
+        # their new owners redeliver from the last commit (at-least-once), and nothing is committed for them.
+        offsets = [tp for tp in offsets if (tp.topic, tp.partition) in self.assigned]
+        if not offsets:
+            return
+        try:
+            consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:
+            log.info("could not store offsets (partition reassigned?): %s", exc)
+        for tp in offsets:
+            self._positions[tp.topic, tp.partition] = tp.offset
+        if self._commit_mode != "interval":
+            self._commit(consumer, offsets, asynchronous=self._commit_mode == "async")
+
+    @staticmethod
+    def _commit(consumer: Any, offsets: list[TopicPartition] | None = None, asynchronous: bool = False) -> None:
+        """Commits ``offsets`` (default: every stored offset of the assignment)."""
+        try:
+            if offsets is None:
+                consumer.commit(asynchronous=asynchronous)
+            else:
+                consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as exc:
+            error = kafka_error(exc)
+            if error is None or error.code() != KafkaError._NO_OFFSET:
+                log.warning("offset commit failed (the background commit retries): %s", exc)
+
+    def _update_lag(self, consumer: Any) -> None:
+        if self._lag is None:
+            return
+        for (topic, partition), position in list(self._positions.items()):
+            try:
+                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                self._lag.labels(topic, str(partition), self.config.group_id).set(max(0, high - position))
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # No batch is in the handler now (see the module doc): every handled offset is stored, commit them
+        # so the partition's next owner starts right after them.
+        self._commit(consumer)
+        self._forget(partitions)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)  # the group moved on without us: committing now would be refused
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.assigned.discard((tp.topic, tp.partition))
+            self._positions.pop((tp.topic, tp.partition), None)
+            if self._lag is not None:
+                try:
+                    self._lag.remove(tp.topic, str(tp.partition), self.config.group_id)
+                except KeyError:
+                    log.debug("no lag sample for %s[%d] yet", tp.topic, tp.partition)
+
+    def _close(self, offsets: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        if offsets:
+            self._store(consumer, offsets)
+        if self._lag is not None:
+            self._forget([TopicPartition(t, p) for t, p in list(self._positions)])
+        consumer.close()  # commits the stored offsets and leaves the group
+
+    # ---- the event loop ----
+
+    async def _process(self, messages: list[Any]) -> list[TopicPartition]:
+        """Handles one fetched batch; returns the offsets to store once it is done."""
+        events, undecodable, errored, offsets = decode_batch(messages)
+        for message in errored:
+            error = message.error()
+            if error.fatal():
+                raise KafkaException(error)
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error on %s [%s]: %s", message.topic(), message.partition(), error.str())
+        for message, reason in undecodable:
+            await self._dead_letter(message, EnvelopeError(reason), 0)
+        if events:
+            await self._handle(events)
+        self.batches += 1
+        return [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+
+    async def _handle(self, events: list[Event]) -> None:
+        error = await self._attempt(events)
+        if error is None:
+            self.handled += len(events)
+            return
+        if len(events) == 1:
+            await self._dead_letter(events[0].message, error, self.config.max_attempts)
+            return
+        log.warning("batch of %d events failed %d times (%s: %s); handling them one by one", len(events),
+                    self.config.max_attempts, type(error).__name__, error)
+        for event in events:
+            failure = await self._attempt([event])
+            if failure is None:
+                self.handled += 1
+            else:
+                await self._dead_letter(event.message, failure, self.config.max_attempts)
+
+    async def _attempt(self, events: list[Event]) -> BaseException | None:
+        """None once the handler succeeded, else its last error after max_attempts tries."""
+        backoff = self.config.retry_backoff_s
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                result = self.handler(events)
+                if inspect.isawaitable(result):
+                    await result
+                return None
+            except Exception as exc:  # the handler's own errors: anything it raises is a failed attempt
+                if attempt == self.config.max_attempts:
+                    return exc
+                log.debug("handler attempt %d failed: %r; retrying in %.3fs", attempt, exc, backoff)
+                await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+        raise AssertionError("unreachable: max_attempts >= 1")
+
+    async def _dead_letter(self, message: Any, error: BaseException, attempts: int) -> None:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if not self.config.dead_letter:
+            raise HandlerFailed(f"event at {topic}[{partition}]@{offset} failed {attempts} times: {error!r}")
+        if self._dlq_producer is None:
+            self._dlq_producer = Producer({
+                "bootstrap.servers": self.config.bootstrap_servers, "enable.idempotence": True, "acks": "all",
+                "linger.ms": 0, "allow.auto.create.topics": False, "logger": kafka_log,
+            })
+        reason = str(error) if isinstance(error, EnvelopeError) else f"{type(error).__name__}: {error}"
+        headers = [*(message.headers() or ()),
+                   (ERROR_HEADER, reason[:8000].encode()), (ERROR_TYPE_HEADER, type(error).__qualname__.encode()),
+                   (ATTEMPTS_HEADER, str(attempts).encode()),
+                   *zip(ORIGIN_HEADERS, (topic.encode(), str(partition).encode(), str(offset).encode()), strict=True)]
+        outcome: list[KafkaError | None] = []
+        target = dlq_topic(topic)
+        self._dlq_producer.produce(target, message.value(), message.key(), headers=headers,
+                                   on_delivery=lambda err, _msg: outcome.append(err))
+        loop = asyncio.get_running_loop()
+        left = await loop.run_in_executor(None, self._dlq_producer.flush, 30.0)
+        if left or not outcome or outcome[0] is not None:
+            raise DeadLetterFailed(f"could not write the event at {topic}[{partition}]@{offset} to {target}: "
+                                   f"{outcome[0].str() if outcome and outcome[0] else 'timed out'}")
+        self.dead_lettered += 1
+        log.warning("event at %s[%d]@%d dead-lettered to %s after %d attempt(s): %s", topic, partition, offset,
+                    target, attempts, reason)
+
