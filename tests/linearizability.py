@@ -12,6 +12,7 @@ makes Consul's index-based CAS (cas=ModifyIndex read with value ``old``) equival
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,8 @@ class _Node:
         self.next: _Node | None = None
 
 
-def _check_key(ops: list[Operation], initial: Any, max_steps: int) -> tuple[bool, bool, int]:
+def _check_key(ops: list[Operation], initial: Any, max_steps: int,
+               time_limit: float | None = None) -> tuple[bool, bool, int]:
     # Definite failures never happened; info reads observed nothing: neither constrains the history.
     ops = [op for op in ops if op.outcome != "fail" and not (op.outcome == "info" and op.kind == "read")]
     events: list[tuple[float, int, int, Operation]] = []
@@ -96,19 +98,22 @@ def _check_key(ops: list[Operation], initial: Any, max_steps: int) -> tuple[bool
         tail = node
 
     def lift(node: _Node) -> None:
-        assert node.match is not None and node.prev is not None and node.match.prev is not None
+        assert node.match is not None and node.prev is not None
         node.prev.next = node.next
         if node.next is not None:
             node.next.prev = node.prev
         match = node.match
+        assert match.prev is not None
         match.prev.next = match.next
         if match.next is not None:
             match.next.prev = match.prev
 
     def unlift(node: _Node) -> None:
-        assert node.match is not None and node.prev is not None and node.match.prev is not None
+        assert node.match is not None and node.prev is not None
         match = node.match
-        match.prev.next = match
+        match_prev = match.prev
+        assert match_prev is not None
+        match_prev.next = match
         if match.next is not None:
             match.next.prev = match
         node.prev.next = node
@@ -121,9 +126,13 @@ def _check_key(ops: list[Operation], initial: Any, max_steps: int) -> tuple[bool
     stack: list[tuple[_Node, Any]] = []
     entry = head.next
     steps = 0
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     while head.next is not None:
         steps += 1
         if steps > max_steps:
+            return False, True, steps
+        # The clock is read every 4096 steps only: a step costs about a microsecond.
+        if deadline is not None and not steps & 4095 and time.monotonic() > deadline:
             return False, True, steps
         assert entry is not None
         if entry.is_call:
@@ -154,15 +163,30 @@ def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def check_history(history: list[Operation], initial: Any = None, max_steps: int = 2_000_000) -> CheckResult:
-    """Check every key's sub-history; the first key that is not linearizable (or times out) is reported."""
+def check_history(history: list[Operation], initial: Any = None, max_steps: int = 2_000_000,
+                  time_limit: float | None = None) -> CheckResult:
+    """Check every key's sub-history; the first key that is not linearizable (or times out) is reported.
+
+    ``max_steps`` and ``time_limit`` (seconds) bound each key's search; running out of either is a
+    timeout, which ``CheckResult.ok`` counts as a failure."""
+    total = 0
+    for result in check_keys(history, initial, max_steps, time_limit, stop_at_first=True):
+        total += result.steps
+        if not result.ok:
+            return CheckResult(result.linearizable, result.timed_out, result.key, total)
+    return CheckResult(True, False, None, total)
+
+
+def check_keys(history: list[Operation], initial: Any = None, max_steps: int = 2_000_000,
+               time_limit: float | None = None, *, stop_at_first: bool = False) -> list[CheckResult]:
+    """One result per key (sorted by key), so that a run can report every key that failed."""
     by_key: dict[str, list[Operation]] = defaultdict(list)
     for op in history:
         by_key[op.key].append(op)
-    total = 0
+    results = []
     for key, ops in sorted(by_key.items()):
-        linearizable, timed_out, steps = _check_key(ops, initial, max_steps)
-        total += steps
-        if not linearizable or timed_out:
-            return CheckResult(linearizable, timed_out, key, total)
-    return CheckResult(True, False, None, total)
+        linearizable, timed_out, steps = _check_key(ops, initial, max_steps, time_limit)
+        results.append(CheckResult(linearizable, timed_out, key, steps))
+        if stop_at_first and not results[-1].ok:
+            break
+    return results
