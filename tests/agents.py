@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,8 +10,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import consul
 
 from spina_fast.testing import free_ports
 
@@ -115,3 +123,93 @@ def make_cluster(size: int, base_dir: Path, *extra_args: str) -> Cluster:
     ports = free_ports(size)
     return Cluster(ids, dict(zip(ids, ports, strict=True)), {node_id: base_dir / node_id for node_id in ids},
                    tuple(extra_args))
+
+
+@contextmanager
+def started_cluster(size: int, base_dir: Path, *extra_args: str) -> Iterator[Cluster]:
+    """A running cluster with a leader; every process is killed on the way out."""
+    cluster = make_cluster(size, base_dir, *extra_args)
+    cluster.start_all()
+    try:
+        wait_until(lambda: leader_of(cluster), 20, "a leader")
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+# --- talking to agents ----------------------------------------------------------------------------------------
+
+def call(agent: AgentProcess, method: str, path: str, body: bytes | None = None,
+         timeout: float = 10) -> tuple[int, bytes]:
+    request = urllib.request.Request(agent.base_url + path, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+               describe: Callable[[], str] | None = None) -> Any:
+    """Poll ``condition`` (an OSError counts as not yet) until it is truthy; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n{describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(0.05)
+
+
+def leader_of(cluster: Cluster) -> str | None:
+    """The node id every running node agrees is the leader, if they agree."""
+    answers = set()
+    for agent in cluster.running().values():
+        status, body = call(agent, "GET", "/v1/status/leader", timeout=2)
+        answers.add(json.loads(body) if status == 200 else "")
+    if len(answers) != 1 or "" in answers:
+        return None
+    address = answers.pop()
+    port = int(address.rsplit(":", 1)[1])
+    # Nodes added later (a join) are known by the Raft address their ready line reported.
+    ports = {**cluster.raft_ports,
+             **{node_id: int(agent.raft.rsplit(":", 1)[1]) for node_id, agent in cluster.running().items()}}
+    leader = next((node_id for node_id, raft_port in ports.items() if raft_port == port), None)
+    # Right after a kill the survivors still name the dead leader until their election timeout.
+    return leader if leader in cluster.running() else None
+
+
+def put(agent: AgentProcess, key: str, value: bytes, query: str = "") -> bytes:
+    status, body = call(agent, "PUT", f"/v1/kv/{key}{query}", value)
+    assert status == 200, body
+    return body
+
+
+def consistent_get(agent: AgentProcess, key: str) -> bytes | None:
+    status, body = call(agent, "GET", f"/v1/kv/{key}?raw&consistent")
+    assert status in (200, 404), body
+    return body if status == 200 else None
+
+
+def call_json(agent: AgentProcess, method: str, path: str, body: object = None,
+              timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+    """A request with a JSON (or raw bytes) body; the answer as (status, headers, decoded JSON or None)."""
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(agent.base_url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = response.read()
+            return response.status, dict(response.headers), json.loads(payload) if payload else None
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        return exc.code, dict(exc.headers), json.loads(payload) if payload else None
+
+
+def consul_client(agent: AgentProcess) -> consul.Consul:
+    host, port = agent.http.rsplit(":", 1)
+    return consul.Consul(host=host, port=int(port))

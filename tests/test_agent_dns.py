@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import dns.message
@@ -16,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.agents import AgentProcess, make_cluster, start_agent
+from tests.agents import AgentProcess, make_cluster, start_agent, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +40,6 @@ def ask(agent: AgentProcess, name: str, kind: str = "A") -> dns.message.Message:
 def records(answer: dns.message.Message, kind: str) -> list[str]:
     wanted = dns.rdatatype.from_text(kind)
     return sorted(item.to_text() for rrset in answer.answer if rrset.rdtype == wanted for item in rrset)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s")
-        time.sleep(0.05)
-    return result
 
 
 def test_registered_instances_resolve_over_udp_and_tcp(agent: AgentProcess) -> None:
@@ -83,7 +73,8 @@ def test_unknown_names_are_nxdomain_and_critical_instances_drop_out(agent: Agent
 
 
 def test_the_agents_themselves_resolve_as_the_spina_service(agent: AgentProcess) -> None:
-    assert wait_until(lambda: records(ask(agent, "spina.service.spina"), "A"), 10) == ["127.0.0.1"]
+    own = wait_until(lambda: records(ask(agent, "spina.service.spina"), "A"), 10, "the agent's own record")
+    assert own == ["127.0.0.1"]
 
 
 @pytest.mark.skipif(shutil.which("dig") is None, reason="dig is in dnsutils (scripts/install-services.sh)")
@@ -100,10 +91,11 @@ def test_every_node_of_a_cluster_answers_dns_from_its_replica(tmp_path: Any) -> 
     cluster.start_all()
     try:
         first = cluster.agents["n1"]
-        register_through = wait_until(lambda: _registered(first), 30)
+        register_through = wait_until(lambda: _registered(first), 30, "a registration")
         assert register_through
         for node_id, process in cluster.agents.items():
-            assert wait_until(lambda process=process: records(ask(process, "api.service.spina"), "A"), 30) == \
+            assert wait_until(lambda process=process: records(ask(process, "api.service.spina"), "A"), 30,
+                              f"api on {node_id}") == \
                 ["10.23.0.1"], node_id
     finally:
         cluster.stop_all()

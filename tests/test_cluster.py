@@ -9,81 +9,30 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spina_fast._raft import encode_frame
-from tests.agents import AgentProcess, Cluster, make_cluster
+from tests.agents import (  # noqa: F401  (call, put, ... are imported from here by other tests)
+    AgentProcess,
+    Cluster,
+    call,
+    consistent_get,
+    leader_of,
+    make_cluster,
+    put,
+    started_cluster,
+    wait_until,
+)
 from tests.linearizability import Operation, check_history
-
-
-def call(agent: AgentProcess, method: str, path: str, body: bytes | None = None,
-         timeout: float = 10) -> tuple[int, bytes]:
-    request = urllib.request.Request(agent.base_url + path, data=body, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except OSError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def leader_of(cluster: Cluster) -> str | None:
-    """The node id every running node agrees is the leader, if they agree."""
-    answers = set()
-    for agent in cluster.running().values():
-        status, body = call(agent, "GET", "/v1/status/leader", timeout=2)
-        answers.add(json.loads(body) if status == 200 else "")
-    if len(answers) != 1 or "" in answers:
-        return None
-    address = answers.pop()
-    port = int(address.rsplit(":", 1)[1])
-    # Nodes added later (a join) are known by the Raft address their ready line reported.
-    ports = {**cluster.raft_ports,
-             **{node_id: int(agent.raft.rsplit(":", 1)[1]) for node_id, agent in cluster.running().items()}}
-    leader = next((node_id for node_id, raft_port in ports.items() if raft_port == port), None)
-    # Right after a kill the survivors still name the dead leader until their election timeout.
-    return leader if leader in cluster.running() else None
-
-
-def put(agent: AgentProcess, key: str, value: bytes, query: str = "") -> bytes:
-    status, body = call(agent, "PUT", f"/v1/kv/{key}{query}", value)
-    assert status == 200, body
-    return body
-
-
-def consistent_get(agent: AgentProcess, key: str) -> bytes | None:
-    status, body = call(agent, "GET", f"/v1/kv/{key}?raw&consistent")
-    assert status in (200, 404), body
-    return body if status == 200 else None
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = make_cluster(3, tmp_path)
-    cluster.start_all()
-    try:
-        wait_until(lambda: leader_of(cluster), 20, "a leader")
-        yield cluster
-    finally:
-        cluster.stop_all()
+    with started_cluster(3, tmp_path) as nodes:
+        yield nodes
 
 
 def test_writes_through_every_node_are_read_consistently_everywhere(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProcess, Cluster, make_cluster, start_agent
+from tests.agents import AgentProcess, Cluster, start_agent, started_cluster
 from tests.test_cluster import call, consistent_get, leader_of, wait_until
 from tests.test_snapshots import converged, status
 
@@ -65,13 +65,8 @@ class Writer:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = make_cluster(3, tmp_path)
-    cluster.start_all()
-    try:
-        wait_until(lambda: leader_of(cluster), 20, "a leader")
-        yield cluster
-    finally:
-        cluster.stop_all()
+    with started_cluster(3, tmp_path) as nodes:
+        yield nodes
 
 
 def test_transfer_leader_moves_leadership_to_the_named_voter(cluster: Cluster) -> None:

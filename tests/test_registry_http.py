@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import consul
 import pytest
 
-from tests.agents import AgentProcess, Cluster, make_cluster, start_agent
+from tests.agents import (
+    AgentProcess,
+    Cluster,
+    call_json,
+    consul_client,
+    leader_of,
+    start_agent,
+    started_cluster,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +32,7 @@ def agent() -> Iterator[AgentProcess]:
 
 @pytest.fixture
 def client(agent: AgentProcess) -> consul.Consul:
-    host, port = agent.http.rsplit(":", 1)
-    return consul.Consul(host=host, port=int(port))
-
-
-def call(agent: AgentProcess, method: str, path: str, body: object = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], Any]:
-    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(agent.base_url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = response.read()
-            return response.status, dict(response.headers), json.loads(payload) if payload else None
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        return exc.code, dict(exc.headers), json.loads(payload) if payload else None
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    return consul_client(agent)
 
 
 def ids_of(entries: list[dict[str, Any]]) -> list[str]:
@@ -100,10 +81,11 @@ def test_register_heartbeat_and_discover_with_py_consul(client: consul.Consul) -
 def test_check_update_sets_the_status(agent: AgentProcess, client: consul.Consul) -> None:
     client.agent.service.register("upd", service_id="upd-1", address="10.2.0.1", port=80,
                                   check=consul.Check.ttl("30s"))
-    status, _, _ = call(agent, "PUT", "/v1/agent/check/update/service:upd-1", {"Status": "passing", "Output": "ok"})
+    status, _, _ = call_json(agent, "PUT", "/v1/agent/check/update/service:upd-1",
+                             {"Status": "passing", "Output": "ok"})
     assert status == 200
     assert ids_of(client.health.service("upd", passing=True)[1]) == ["upd-1"]
-    status, _, body = call(agent, "PUT", "/v1/agent/check/update/service:upd-1", {"Status": "sleepy"})
+    status, _, body = call_json(agent, "PUT", "/v1/agent/check/update/service:upd-1", {"Status": "sleepy"})
     assert status == 400 and body["code"] == "invalid_request" and "Status" in body["error"]
 
 
@@ -131,12 +113,12 @@ def test_blocking_query_wakes_only_for_its_own_service(agent: AgentProcess, clie
         new_index, entries = watcher.result(timeout=15)
     assert int(new_index) > int(index)
     assert ids_of(entries) == ["watched-1", "watched-2"]
-    status, headers, _ = call(agent, "GET", f"/v1/health/service/watched?index={new_index}&wait=100ms")
+    status, headers, _ = call_json(agent, "GET", f"/v1/health/service/watched?index={new_index}&wait=100ms")
     assert status == 200 and headers["X-Consul-Index"] == new_index
 
 
 def test_unknown_service_has_a_nonzero_index(agent: AgentProcess) -> None:
-    status, headers, body = call(agent, "GET", "/v1/health/service/never-registered")
+    status, headers, body = call_json(agent, "GET", "/v1/health/service/never-registered")
     assert status == 200 and body == [] and int(headers["X-Consul-Index"]) > 0
 
 
@@ -153,25 +135,26 @@ def test_native_batch_register_query_and_heartbeat_with_load(agent: AgentProcess
          "version": f"1.{number}.0", "api_versions": ["v1", "v2"] if number % 2 else ["v1"],
          "zone": "z1" if number < 3 else "z2", "region": "r1", "tags": ["http"], "max_load": 100, "weight": 1}
         for number in range(1, 6)]
-    status, _, body = call(agent, "PUT", "/v1/spina/services/register", registrations)
+    status, _, body = call_json(agent, "PUT", "/v1/spina/services/register", registrations)
     assert status == 200 and body["registered"] == 5 and body["index"] > 0
-    status, headers, found = call(agent, "GET", "/v1/spina/services/search?version=%3E%3D1.2,%3C1.5&api_version=v2")
+    status, headers, found = call_json(agent, "GET",
+                                       "/v1/spina/services/search?version=%3E%3D1.2,%3C1.5&api_version=v2")
     assert status == 200 and [item["instance_id"] for item in found] == ["s3"]
     assert int(headers["X-Consul-Index"]) > 0
-    status, _, near = call(agent, "GET", "/v1/spina/services/search?zone=z2&region=r1&limit=3")
+    status, _, near = call_json(agent, "GET", "/v1/spina/services/search?zone=z2&region=r1&limit=3")
     assert [item["instance_id"] for item in near] == ["s3", "s4", "s5"]
     for instance_id, load in (("s1", 90), ("s2", 10), ("s3", 50), ("s4", 95), ("s5", 0)):
-        status, _, _ = call(agent, "PUT", f"/v1/spina/services/heartbeat/{instance_id}?load={load}")
+        status, _, _ = call_json(agent, "PUT", f"/v1/spina/services/heartbeat/{instance_id}?load={load}")
         assert status == 200
-    _, _, by_load = call(agent, "GET", "/v1/spina/services/search?by_load")
+    _, _, by_load = call_json(agent, "GET", "/v1/spina/services/search?by_load")
     assert [item["instance_id"] for item in by_load] == ["s5", "s2", "s3", "s1", "s4"]
     assert by_load[0]["ttl_ms"] == 30_000 and by_load[0]["deregister_after_ms"] == 180_000
 
 
 def test_a_heartbeat_for_an_unknown_instance_is_404(agent: AgentProcess) -> None:
-    status, _, body = call(agent, "PUT", "/v1/spina/services/heartbeat/ghost")
+    status, _, body = call_json(agent, "PUT", "/v1/spina/services/heartbeat/ghost")
     assert status == 404 and "ghost" in body["error"]
-    status, _, body = call(agent, "PUT", "/v1/agent/check/pass/service:ghost")
+    status, _, body = call_json(agent, "PUT", "/v1/agent/check/pass/service:ghost")
     assert status == 404
 
 
@@ -194,56 +177,39 @@ def test_a_heartbeat_for_an_unknown_instance_is_404(agent: AgentProcess) -> None
 ])
 def test_bad_consul_registrations_are_400_naming_the_field(agent: AgentProcess, body: dict[str, Any],
                                                            field: str) -> None:
-    _, before, _ = call(agent, "GET", "/v1/catalog/services")
-    status, _, error = call(agent, "PUT", "/v1/agent/service/register", body)
+    _, before, _ = call_json(agent, "GET", "/v1/catalog/services")
+    status, _, error = call_json(agent, "PUT", "/v1/agent/service/register", body)
     assert status == 400, error
     assert error["code"] == "invalid_request" and field in error["error"], error
-    status, after, services = call(agent, "GET", "/v1/catalog/services")
+    status, after, services = call_json(agent, "GET", "/v1/catalog/services")
     assert "x" not in services and after["X-Consul-Index"] == before["X-Consul-Index"]
 
 
 def test_a_native_batch_with_one_bad_item_stores_nothing(agent: AgentProcess) -> None:
     batch = [{"service": "atomic", "instance_id": "a1", "address": "10.6.0.1", "port": 80},
              {"service": "atomic", "instance_id": "a2", "address": "10.6.0.2", "port": 80, "ttl": 0}]
-    status, _, error = call(agent, "PUT", "/v1/spina/services/register", batch)
+    status, _, error = call_json(agent, "PUT", "/v1/spina/services/register", batch)
     assert status == 400 and "[1]" in error["error"] and "ttl" in error["error"]
-    _, _, found = call(agent, "GET", "/v1/spina/services/atomic")
+    _, _, found = call_json(agent, "GET", "/v1/spina/services/atomic")
     assert found == []
-    status, _, error = call(agent, "PUT", "/v1/spina/services/register", b"{not json")
+    status, _, error = call_json(agent, "PUT", "/v1/spina/services/register", b"{not json")
     assert status == 400 and "JSON" in error["error"]
-    status, _, error = call(agent, "PUT", "/v1/spina/services/register", {"service": "x", "port": 1, "colour": 1})
+    status, _, error = call_json(agent, "PUT", "/v1/spina/services/register", {"service": "x", "port": 1, "colour": 1})
     assert status == 400 and "colour" in error["error"]
-    status, _, error = call(agent, "GET", "/v1/spina/services/atomic?version=%3E%3Dbanana")
+    status, _, error = call_json(agent, "GET", "/v1/spina/services/atomic?version=%3E%3Dbanana")
     assert status == 400 and "version" in error["error"]
 
 
 # --- a real 3-node cluster --------------------------------------------------------------------------------------
 
-def consul_client(process: AgentProcess) -> consul.Consul:
-    host, port = process.http.rsplit(":", 1)
-    return consul.Consul(host=host, port=int(port))
-
-
-def leader_of(cluster: Cluster) -> str:
-    def find() -> str | None:
-        for node_id, process in cluster.running().items():
-            status, _, leader = call(process, "GET", "/v1/status/leader", timeout=5)
-            if status == 200 and leader and leader.endswith(f":{cluster.raft_ports[node_id]}"):
-                return node_id
-        return None
-    return wait_until(find, 30, "a leader")
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes = make_cluster(3, tmp_path)
-    nodes.start_all()
-    yield nodes
-    nodes.stop_all()
+    with started_cluster(3, tmp_path) as nodes:
+        yield nodes
 
 
 def test_heartbeats_through_a_follower_and_a_leader_kill_deregister_nothing(cluster: Cluster) -> None:
-    leader = leader_of(cluster)
+    leader = wait_until(lambda: leader_of(cluster), 30, "a leader")
     follower = next(node_id for node_id in cluster.ids if node_id != leader)
     client = consul_client(cluster.agents[follower])
     check = {**consul.Check.ttl("4s"), "DeregisterCriticalServiceAfter": "60s"}
@@ -256,7 +222,7 @@ def test_heartbeats_through_a_follower_and_a_leader_kill_deregister_nothing(clus
 
     cluster.agents[leader].kill()
     survivors = [node_id for node_id in cluster.ids if node_id != leader]
-    new_leader = wait_until(lambda: _leader_among(cluster, survivors), 30, "a new leader")
+    new_leader = wait_until(lambda: leader_of(cluster), 30, "a new leader")
     survivor = consul_client(cluster.agents[new_leader])
     # Heartbeating through the failover keeps every instance: the new leader starts leases at full TTL.
     deadline = time.monotonic() + 6
@@ -280,30 +246,3 @@ def _beat(client: consul.Consul, instance_id: str) -> bool:
         return bool(client.agent.check.ttl_pass(f"service:{instance_id}"))
     except (consul.ConsulException, OSError):
         return False
-
-
-def _leader_among(cluster: Cluster, node_ids: list[str]) -> str | None:
-    for node_id in node_ids:
-        status, _, leader = call(cluster.agents[node_id], "GET", "/v1/status/leader", timeout=5)
-        if status == 200 and leader:
-            for candidate in node_ids:
-                if leader.endswith(f":{cluster.raft_ports[candidate]}"):
-                    return candidate
-    return None
-
-
-def test_fast_front_end_and_aiohttp_give_the_same_lookup_answers(agent: AgentProcess, client: consul.Consul) -> None:
-    client.agent.service.register("same", service_id="same-1", address="10.8.0.1", port=81, tags=["a"])
-    client.agent.service.register("same", service_id="same-2", address="10.8.0.2", port=82, tags=["a", "b"])
-    paths = ["/v1/health/service/same", "/v1/health/service/same?passing&tag=a&tag=b", "/v1/catalog/service/same",
-             "/v1/catalog/services", "/v1/agent/services", "/v1/spina/services/same?tag=b",
-             "/v1/health/service/nobody"]
-    for path in paths:
-        answers = []
-        # Any X-Spina-* header sends the request to aiohttp; without it the fast front end answers.
-        for headers in ({}, {"X-Spina-Author": "test"}):
-            request = urllib.request.Request(agent.base_url + path, headers=headers)
-            with urllib.request.urlopen(request, timeout=10) as response:
-                answers.append((response.status, response.headers["X-Consul-Index"],
-                                response.headers["Content-Type"].split(";")[0], json.loads(response.read())))
-        assert answers[0] == answers[1], path

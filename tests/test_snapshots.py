@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.agents import AgentProcess, Cluster, make_cluster, start_agent
+from tests.agents import AgentProcess, Cluster, start_agent, started_cluster
 from tests.test_cluster import call, consistent_get, leader_of, put, wait_until
 
 # Small thresholds so a few hundred writes go through several snapshots and compactions.
@@ -96,13 +96,8 @@ def test_a_corrupt_snapshot_file_is_refused_loudly(tmp_path: Path) -> None:
 
 @pytest.fixture
 def snapshot_cluster(tmp_path: Path) -> Any:
-    cluster = make_cluster(3, tmp_path, *SNAPSHOT_FLAGS)
-    cluster.start_all()
-    try:
-        wait_until(lambda: leader_of(cluster), 20, "a leader")
-        yield cluster
-    finally:
-        cluster.stop_all()
+    with started_cluster(3, tmp_path, *SNAPSHOT_FLAGS) as nodes:
+        yield nodes
 
 
 def test_a_follower_far_behind_installs_the_leaders_snapshot_and_converges(snapshot_cluster: Cluster) -> None:

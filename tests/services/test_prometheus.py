@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from spina_fast.api.prometheus import SDCache, label_name, scrape_settings, targ
 from spina_fast.prometheus_cli import build_config, render_config
 from spina_fast.registry import RegistryStore
 from spina_fast.testing import free_ports
-from tests.agents import AgentProcess, start_agent
+from tests.agents import AgentProcess, start_agent, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GO_SOURCES = REPO_ROOT / "tests" / "go" / "consulcheck"
@@ -49,17 +48,6 @@ DEADLINE = 90.0  # seconds; a normal target is first scraped up to 15 s after di
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, describe: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{describe()}")
-        time.sleep(0.1)
-
 
 def http(method: str, url: str, body: object = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
     data = None if body is None else json.dumps(body).encode()
