@@ -94,6 +94,9 @@ class _Outbound(asyncio.Protocol):
         self._on_lost()
 
 
+SHORT_LIVED_SECONDS = 1.0
+
+
 class RaftTransport:
     def __init__(self, node_id: str, listen: HostPort, peers: dict[str, HostPort], on_frame: FrameHandler,
                  *, backoff_min: float = 0.02, backoff_max: float = 1.0) -> None:
@@ -110,6 +113,10 @@ class RaftTransport:
         self._inbound: set[asyncio.Transport] = set()
         self._dialers: dict[str, asyncio.Task[None]] = {}
         self._connected: dict[str, asyncio.Event] = {}
+        # A peer that accepts and then drops us at once (it does not know us yet, or is shutting down) is
+        # redialled with growing delays too, not in a tight loop.
+        self._connected_at: dict[str, float] = {}
+        self._redial_delay: dict[str, float] = {}
         self._closing = False
 
     async def start(self) -> HostPort:
@@ -122,13 +129,15 @@ class RaftTransport:
             self._dial(peer)
         return self.bound
 
-    def _dial(self, peer: str) -> None:
+    def _dial(self, peer: str, after: float = 0.0) -> None:
         if not self._closing and (peer not in self._dialers or self._dialers[peer].done()):
-            self._dialers[peer] = asyncio.get_running_loop().create_task(self._connect(peer))
+            self._dialers[peer] = asyncio.get_running_loop().create_task(self._connect(peer, after))
 
-    async def _connect(self, peer: str) -> None:
+    async def _connect(self, peer: str, after: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
         delay = self._backoff_min
+        if after:
+            await asyncio.sleep(after * (0.5 + random.random()))
         while not self._closing and peer in self.peers:
             address = self.peers[peer]
             try:
@@ -143,6 +152,7 @@ class RaftTransport:
             hello = self.node_id if self.bound is None else f"{self.node_id} {self.bound}"
             transport.write(encode_frame(KIND_HELLO, hello.encode()))
             self._outbound[peer] = transport
+            self._connected_at[peer] = loop.time()
             self._connected.setdefault(peer, asyncio.Event()).set()
             log.debug("connected to peer", extra={"peer": peer, "address": str(address)})
             return
@@ -152,7 +162,13 @@ class RaftTransport:
         if peer in self._connected:
             self._connected[peer].clear()
         if not self._closing and peer in self.peers:
-            self._dial(peer)
+            lived = asyncio.get_running_loop().time() - self._connected_at.get(peer, 0.0)
+            if lived < SHORT_LIVED_SECONDS:
+                delay = min(max(self._redial_delay.get(peer, 0.0) * 2, self._backoff_min), self._backoff_max)
+            else:
+                delay = 0.0
+            self._redial_delay[peer] = delay
+            self._dial(peer, after=delay)
 
     def learn_from_hello(self, peer: str, address_text: str) -> bool:
         """Add a node that introduced itself with its address; False if the HELLO is not a valid one."""
