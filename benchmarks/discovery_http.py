@@ -7,8 +7,12 @@ requests with an ``X-Spina-*`` header go there), (c) a plain aiohttp + uvloop ha
 protocol, both peers answering exactly the bytes the agent answered for each path. Then the registry
 grows to 10,000 services / 100,000 instances and the same lookups are timed again (scale check).
 
-Every answer is checked before timing (the agent's fast and aiohttp answers equal, the peers' equal
-to them, the instances the ones registered); wrk must report no errors and no non-2xx answers.
+Every answer is checked before timing (the agent's fast and aiohttp answers equal, the peers' equal to them,
+the instances the ones registered); wrk must report no errors and no non-2xx answers. The servers take turns
+within each round (``--runs``) and ratios are medians of the per-round ratios, so that the load of a shared
+machine weighs on all of them alike. Beside req/s and latency each server's CPU time per request is measured
+(/proc/<pid>/stat): on a loaded machine req/s mostly says how often a process got a core, CPU µs per request
+what answering costs.
 
     python benchmarks/discovery_http.py [--duration 5] [--runs 3] [--json]
 Needs: wrk (Debian: apt-get install wrk).
@@ -30,7 +34,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import free_ports, machine, print_table, stop_processes
-from kv_http import VIA_AIOHTTP, WrongAnswer, fetch, start_agent, start_peer, timed
+from kv_http import VIA_AIOHTTP, Target, WrongAnswer, fetch, paired_ratio, start_agent, start_peer, timed_together
 
 CYCLE_SCRIPT = """
 paths = {{{paths}}}
@@ -93,26 +97,26 @@ def capture(base: str, paths: list[str], expected: dict[str, list[str]]) -> dict
 
 
 def measure(base: str, paths: list[str], answers: dict[str, Any], args: argparse.Namespace, workdir: Path,
-            with_peers: bool) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+            with_peers: bool, agent_pid: int) -> dict[str, Any]:
     fast_script, slow_script = workdir / "cycle-fast.lua", workdir / "cycle-aiohttp.lua"
     fast_script.write_text(lua_cycle(paths, None))
     slow_script.write_text(lua_cycle(paths, VIA_AIOHTTP))
-    results["spina_fast"] = timed(base + "/", args, script=fast_script)
-    results["spina_via_aiohttp"] = timed(base + "/", args, script=slow_script)
-    if with_peers:
-        ports = free_ports(2, seed=args.seed)
-        peers = {kind: start_peer(kind, port, answers, workdir)
-                 for kind, port in zip(("aiohttp", "raw"), ports, strict=True)}
-        try:
-            for path in paths[:20]:
-                if fetch(f"http://127.0.0.1:{ports[0]}{path}")[2] != answers[path][2]:
-                    raise WrongAnswer(f"the aiohttp peer answers other bytes on {path}")
-            results["aiohttp_peer"] = timed(f"http://127.0.0.1:{ports[0]}/", args, script=fast_script)
-            results["raw_uvloop_peer"] = timed(f"http://127.0.0.1:{ports[1]}/", args, script=fast_script)
-        finally:
-            stop_processes(list(peers.values()))
-    return results
+    targets = {"spina_fast": Target(base + "/", agent_pid, script=fast_script),
+               "spina_via_aiohttp": Target(base + "/", agent_pid, script=slow_script)}
+    if not with_peers:
+        return timed_together(targets, args)
+    ports = free_ports(2, seed=args.seed)
+    peers = {kind: start_peer(kind, port, answers, workdir)
+             for kind, port in zip(("aiohttp", "raw"), ports, strict=True)}
+    try:
+        for path in paths[:20]:
+            if fetch(f"http://127.0.0.1:{ports[0]}{path}")[2] != answers[path][2]:
+                raise WrongAnswer(f"the aiohttp peer answers other bytes on {path}")
+        targets["aiohttp_peer"] = Target(f"http://127.0.0.1:{ports[0]}/", peers["aiohttp"].pid, script=fast_script)
+        targets["raw_uvloop_peer"] = Target(f"http://127.0.0.1:{ports[1]}/", peers["raw"].pid, script=fast_script)
+        return timed_together(targets, args)
+    finally:
+        stop_processes(list(peers.values()))
 
 
 def main() -> int:
@@ -147,42 +151,49 @@ def main() -> int:
         report: dict[str, Any] = {
             "machine": machine(), "connections": args.connections, "duration_s": args.duration, "runs": args.runs,
             "instances": len(items), "services": args.services,
-            "small": measure(base, paths, answers, args, workdir, with_peers=True)}
+            "small": measure(base, paths, answers, args, workdir, with_peers=True, agent_pid=agent.pid)}
         # Scale: grow the registry around the same services (10x more instances each for the new ones).
         extra = registrations(args.scale_services - args.services, args.scale_per_service, rng, offset=args.services)
         register(base, extra)
         capture(base, paths, expected)
         report["scale"] = {"instances": len(items) + len(extra), "services": args.scale_services,
-                           **measure(base, paths, answers, args, workdir, with_peers=False)}
+                           **measure(base, paths, answers, args, workdir, with_peers=False, agent_pid=agent.pid)}
     finally:
         stop_processes(processes)
         shutil.rmtree(workdir, ignore_errors=True)
 
     small, scale = report["small"], report["scale"]
-    peer = small["aiohttp_peer"]["requests_per_s"]
-    report["ratio_vs_aiohttp"] = small["spina_fast"]["requests_per_s"] / peer
+    report["ratio_vs_aiohttp"] = paired_ratio(small["spina_fast"], small["aiohttp_peer"])
+    report["cpu_ratio_vs_aiohttp"] = (small["aiohttp_peer"]["cpu_us_per_request"]
+                                      / small["spina_fast"]["cpu_us_per_request"])
     report["scale_p99_ratio"] = scale["spina_fast"]["p99_ms"] / small["spina_fast"]["p99_ms"]
     report["scale_throughput_ratio"] = small["spina_fast"]["requests_per_s"] / scale["spina_fast"]["requests_per_s"]
+    report["scale_cpu_ratio"] = scale["spina_fast"]["cpu_us_per_request"] / small["spina_fast"]["cpu_us_per_request"]
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"machine: {report['machine']}; wrk -t{args.threads} -c{args.connections} -d{args.duration}s, medians of "
           f"{args.runs} runs; GET /v1/health/service/<name>?passing cycling over {args.services} services")
     rows = [[label, small[kind]["requests_per_s"], f"{small[kind]['p50_ms']:.3f}", f"{small[kind]['p99_ms']:.3f}",
-             f"{small[kind]['requests_per_s'] / peer:.2f}x"]
+             f"{paired_ratio(small[kind], small['aiohttp_peer']):.2f}x", f"{small[kind]['cpu_us_per_request']:.1f}"]
             for label, kind in (("spina agent, fast path", "spina_fast"),
                                 ("spina agent, aiohttp path", "spina_via_aiohttp"),
                                 ("plain aiohttp + uvloop (peer)", "aiohttp_peer"),
                                 ("raw uvloop protocol (ceiling)", "raw_uvloop_peer"))]
-    print_table(f"{report['instances']:,} instances in {args.services} services", ["server", "req/s", "p50 ms",
-                                                                                    "p99 ms", "vs aiohttp peer"], rows)
+    print_table(f"{report['instances']:,} instances in {args.services} services",
+                ["server", "req/s", "p50 ms", "p99 ms", "vs aiohttp peer", "server CPU µs/req"], rows)
     print_table(f"scale: {scale['instances']:,} instances in {args.scale_services:,} services (same lookups)",
-                ["server", "req/s", "p50 ms", "p99 ms", "vs small registry"],
+                ["server", "req/s", "p50 ms", "p99 ms", "vs small registry", "server CPU µs/req"],
                 [[label, scale[kind]["requests_per_s"], f"{scale[kind]['p50_ms']:.3f}",
                   f"{scale[kind]['p99_ms']:.3f}",
-                  f"{scale[kind]['requests_per_s'] / small[kind]['requests_per_s']:.2f}x"]
+                  f"{scale[kind]['requests_per_s'] / small[kind]['requests_per_s']:.2f}x",
+                  f"{scale[kind]['cpu_us_per_request']:.1f}"]
                  for label, kind in (("spina agent, fast path", "spina_fast"),
                                      ("spina agent, aiohttp path", "spina_via_aiohttp"))])
+    print(f"\nfast path vs aiohttp peer: {report['ratio_vs_aiohttp']:.2f}x req/s, "
+          f"{report['cpu_ratio_vs_aiohttp']:.2f}x less CPU per request; scale vs small registry: "
+          f"{report['scale_throughput_ratio']:.2f}x fewer req/s, {report['scale_p99_ratio']:.2f}x p99, "
+          f"{report['scale_cpu_ratio']:.2f}x CPU per request")
     return 0
 
 

@@ -10,7 +10,9 @@
 3. The request-head parser on its own: spina_fast._http (Cython) vs httptools (llhttp), if installed.
 
 Every timed run is checked: the response bodies are compared with the expected bytes before timing, wrk
-must report no errors and no non-2xx answers, and the PUT keys are read back afterwards.
+must report no errors and no non-2xx answers, and the PUT keys are read back afterwards. The servers compared
+in a table take turns within each round (the machine's load changes by the minute), ratios are medians of the
+per-round ratios, and each server's CPU time per request is measured beside its req/s.
 
     python benchmarks/kv_http.py [--duration 5] [--connections 32] [--runs 3] [--json]
 Needs: wrk (Debian: apt-get install wrk); optional: pip install httptools for part 3.
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +170,46 @@ def wrk(url: str, args: argparse.Namespace, duration: int, header: str | None = 
     return {"requests_per_s": float(rate.group(1)), "p50_ms": _ms(p50.group(1)), "p99_ms": _ms(p99.group(1))}
 
 
-def timed(url: str, args: argparse.Namespace, header: str | None = None,
-          script: Path | None = None) -> dict[str, Any]:
-    wrk(url, args, args.warmup, header, script)
-    runs = [wrk(url, args, args.duration, header, script) for _ in range(args.runs)]
-    return {"runs": runs, **{metric: median([run[metric] for run in runs])
-                             for metric in ("requests_per_s", "p50_ms", "p99_ms")}}
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server for wrk: its URL, an extra header or a Lua script, and its process (for CPU time)."""
+
+    url: str
+    pid: int
+    header: str | None = None
+    script: Path | None = None
+
+
+def timed_together(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``args.runs`` rounds, each timing every target once in turn (after a warm-up of each), so that the load of
+    a shared machine, which changes by the minute, weighs on all of them alike. Per target: the runs and the
+    medians of req/s, p50, p99 and the server's CPU µs per request, which is steadier than req/s there (a
+    server waiting for its turn on a core is slower, not costlier)."""
+    for target in targets.values():
+        wrk(target.url, args, args.warmup, target.header, target.script)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for _ in range(args.runs):
+        for name, target in targets.items():
+            used = cpu_seconds(target.pid)
+            run = wrk(target.url, args, args.duration, target.header, target.script)
+            run["cpu_us_per_request"] = ((cpu_seconds(target.pid) - used)
+                                         / (run["requests_per_s"] * args.duration) * 1e6)
+            runs[name].append(run)
+    return {name: {"runs": runs[name], **{metric: median([run[metric] for run in runs[name]])
+                                          for metric in ("requests_per_s", "p50_ms", "p99_ms", "cpu_us_per_request")}}
+            for name in targets}
+
+
+def paired_ratio(result: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """The median over rounds of ``result``'s req/s over ``baseline``'s in the same round."""
+    return median([run["requests_per_s"] / base["requests_per_s"]
+                   for run, base in zip(result["runs"], baseline["runs"], strict=True)])
 
 
 PUT_SCRIPT = """
@@ -296,19 +333,18 @@ def main() -> int:
             for kind, port in zip(("aiohttp", "raw"), peer_ports, strict=True):
                 if fetch(f"http://127.0.0.1:{port}{path}")[2] != body:
                     raise WrongAnswer(f"peer {kind} answers other bytes on {path}")
-            report["reads"][name] = {
-                "path": path,
-                "spina_fast": timed(base + path, args),
-                "spina_via_aiohttp": timed(base + path, args, header=VIA_AIOHTTP),
-                "aiohttp_peer": timed(f"http://127.0.0.1:{peer_ports[0]}{path}", args),
-                "raw_uvloop_peer": timed(f"http://127.0.0.1:{peer_ports[1]}{path}", args),
-            }
+            report["reads"][name] = {"path": path, **timed_together({
+                "spina_fast": Target(base + path, agent.pid),
+                "spina_via_aiohttp": Target(base + path, agent.pid, header=VIA_AIOHTTP),
+                "aiohttp_peer": Target(f"http://127.0.0.1:{peer_ports[0]}{path}", peers["aiohttp"].pid),
+                "raw_uvloop_peer": Target(f"http://127.0.0.1:{peer_ports[1]}{path}", peers["raw"].pid),
+            }, args)}
             stop_processes(list(peers.values()))
         script = workdir / "put.lua"
         script.write_text(PUT_SCRIPT.format(size=args.value_size, keys=args.keys))
-        report["writes"] = {"path": "/v1/kv/bench/put/<n>",
-                            "spina_fast": timed(base + "/", args, script=script),
-                            "spina_via_aiohttp": timed(base + "/", args, header=VIA_AIOHTTP, script=script)}
+        report["writes"] = {"path": "/v1/kv/bench/put/<n>", **timed_together({
+            "spina_fast": Target(base + "/", agent.pid, script=script),
+            "spina_via_aiohttp": Target(base + "/", agent.pid, header=VIA_AIOHTTP, script=script)}, args)}
         for index in rng.sample(range(args.keys), min(50, args.keys)):
             if fetch(f"{base}/v1/kv/bench/put/{index}?raw")[2] != b"v" * args.value_size:
                 raise WrongAnswer(f"bench/put/{index} does not hold the value written")
@@ -323,20 +359,20 @@ def main() -> int:
     print(f"machine: {report['machine']}; wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
           f"medians of {args.runs} runs, {args.value_size}-byte values")
     for result in report["reads"].values():
-        peer = result["aiohttp_peer"]["requests_per_s"]
-        print_table(f"GET {result['path']}", ["server", "req/s", "p50 ms", "p99 ms", "vs aiohttp peer"], [
+        print_table(f"GET {result['path']}", ["server", "req/s", "p50 ms", "p99 ms", "vs aiohttp peer",
+                                              "server CPU µs/req"], [
             [label, result[kind]["requests_per_s"], f"{result[kind]['p50_ms']:.3f}", f"{result[kind]['p99_ms']:.3f}",
-             f"{result[kind]['requests_per_s'] / peer:.2f}x"]
+             f"{paired_ratio(result[kind], result['aiohttp_peer']):.2f}x",
+             f"{result[kind]['cpu_us_per_request']:.1f}"]
             for label, kind in (("spina agent, fast path", "spina_fast"),
                                 ("spina agent, aiohttp path", "spina_via_aiohttp"),
                                 ("plain aiohttp + uvloop (peer)", "aiohttp_peer"),
                                 ("raw uvloop protocol (ceiling)", "raw_uvloop_peer"))])
     writes = report["writes"]
-    slow = writes["spina_via_aiohttp"]["requests_per_s"]
     print_table(f"PUT {writes['path']} (single-node dev agent, Raft + fsync)",
                 ["server", "req/s", "p50 ms", "p99 ms", "vs aiohttp path"], [
                     [label, writes[kind]["requests_per_s"], f"{writes[kind]['p50_ms']:.3f}",
-                     f"{writes[kind]['p99_ms']:.3f}", f"{writes[kind]['requests_per_s'] / slow:.2f}x"]
+                     f"{writes[kind]['p99_ms']:.3f}", f"{paired_ratio(writes[kind], writes['spina_via_aiohttp']):.2f}x"]
                     for label, kind in (("spina agent, fast path", "spina_fast"),
                                         ("spina agent, aiohttp path", "spina_via_aiohttp"))])
     parsers = report["parser_ns_per_request"]

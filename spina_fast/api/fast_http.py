@@ -11,6 +11,12 @@ connection over to aiohttp's ``RequestHandler`` for the rest of its life: the tr
 it and fed the bytes not yet consumed. So one listening port serves both, and aiohttp keeps every
 behaviour it had.
 
+Before any of that, a connection with nothing owed and nothing half-read offers each chunk to the fast lane
+(``FastLane`` in ``_http.pyx``): a plain keep-alive ``GET`` whose exact target was answered before (a registry
+lookup or a KV read that neither blocks nor needs a barrier) is answered from the fully encoded response while
+the index it was read at holds, with the read headers and Date of the moment, and counted in the same metrics.
+The first request the lane does not vouch for, and everything after it, takes the general path below.
+
 HTTP/1.1 as RFC 9112 wants it: keep-alive by default (HTTP/1.0 only on request), pipelined requests
 answered in order even when a later one finishes first (a queue of response slots, written in one
 ``transport.write`` per batch), Content-Length bodies, ``Expect: 100-continue``, size limits answered
@@ -26,15 +32,15 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, cast
 
-from spina_fast._http import RequestHead, encode_response, parse_head, parse_query
+from spina_fast._http import FastLane, RequestHead, encode_response, parse_head, parse_query
 from spina_fast.api import kv, registry
 from spina_fast.api.http import INTERNAL_ERROR, ROUTE_STATUS_LEADER, ROUTE_STATUS_PEERS, status_leader, status_peers
 from spina_fast.api.responses import Reply, spina_error_reply
 from spina_fast.config import HostPort
 from spina_fast.errors import MalformedRequest, SpinaError
+from spina_fast.observability.metrics import LATENCY_BUCKETS, SourceSample
 
 if TYPE_CHECKING:
     from spina_fast.agent import Agent
@@ -69,6 +75,16 @@ _EXACT_GET_PATHS = {ROUTE_STATUS_LEADER: _ROUTE_LEADER, ROUTE_STATUS_PEERS: _ROU
 _NAMED_LOOKUPS = (("/v1/health/service/", registry.HEALTH), ("/v1/catalog/service/", registry.CATALOG_SERVICE),
                   ("/v1/spina/services/", registry.NATIVE))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Lookups whose answer is a function of the registry's index alone, which the fast lane may replay
+# (the native query is not: it carries the leader-local load), and those whose index is the catalog's.
+_LANE_KINDS = frozenset((registry.HEALTH, registry.CATALOG_SERVICE, registry.CATALOG_SERVICES,
+                         registry.AGENT_SERVICES))
+_CATALOG_KINDS = frozenset((registry.CATALOG_SERVICES, registry.AGENT_SERVICES))
+# The lane counts metrics per slot: a registry lookup's slot is its endpoint kind, a KV read's this one.
+_LANE_KV_SLOT = 7
+_LANE_ROUTES = {**{kind: registry.ROUTES[kind] for kind in _LANE_KINDS}, _LANE_KV_SLOT: kv.ROUTE}
+# The read headers, in the order the lane writes them (kv.read_headers, then the index).
+_LANE_HEADERS = ["X-Consul-KnownLeader", "X-Consul-LastContact", "X-Consul-Index"]
 
 
 class _Slot:
@@ -96,8 +112,10 @@ class FastHTTPServer:
         self.delegate_factory = delegate_factory
         self.connections: set[FastHTTPProtocol] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._date_second = 0
-        self._date = b""
+        # Repeated reads are answered from here before the general path sees them (see _http.pyx).
+        self.lane = FastLane(LATENCY_BUCKETS)
+        self.date: Callable[[], bytes] = self.lane.date
+        agent.metrics.http.add_source(self._lane_metrics)
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> HostPort:
         loop = asyncio.get_running_loop()
@@ -117,18 +135,16 @@ class FastHTTPServer:
             await self._server.wait_closed()
             self._server = None
 
-    def date(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = formatdate(now, usegmt=True).encode()
-        return self._date
+    def _lane_metrics(self) -> list[SourceSample]:
+        return [("GET", _LANE_ROUTES[slot], 200, count, buckets, seconds)
+                for slot, count, buckets, seconds in self.lane.metrics()]
 
 
 class FastHTTPProtocol(asyncio.Protocol):
     def __init__(self, server: FastHTTPServer) -> None:
         self._server = server
         self._agent = server.agent
+        self._lane = server.lane
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         # Bytes received and not consumed yet: the start of a request whose head or body is incomplete,
@@ -172,6 +188,14 @@ class FastHTTPProtocol(asyncio.Protocol):
                 return  # a body still arriving: gather it without re-reading the buffer
             data = bytes(self._buffer)
             self._buffer.clear()
+        elif not (self._queue or self._head is not None or self._discard or self._write_paused):
+            # Nothing owed and nothing half-read: repeated reads at the start are answered at once, and the
+            # general path takes whatever follows the first request the lane leaves.
+            served = self._lane.serve(data, self._transport)
+            if served:
+                if served == len(data):
+                    return
+                data = data[served:]
         self._consume(data)
         self._flush()
 
@@ -306,6 +330,8 @@ class FastHTTPProtocol(asyncio.Protocol):
                 if method == "GET":
                     if kv.answers_at_once(query):
                         reply = kv.read(agent, key, query)
+                        if reply.status == 200 and head.escape_offset < 0:
+                            self._remember(head, agent.state.kv, None, agent.state.kv.index, _LANE_KV_SLOT, reply)
                     else:
                         self._await(head, route, started, kv.get(agent, key, query))
                         return
@@ -320,6 +346,12 @@ class FastHTTPProtocol(asyncio.Protocol):
                 name = head.path.rpartition("/")[2]
                 if registry.answers_at_once(head.query):
                     reply = registry.read(agent, kind, name, head.query)
+                    if kind in _LANE_KINDS and reply.status == 200:
+                        store = agent.state.registry
+                        if kind in _CATALOG_KINDS:
+                            self._remember(head, store, None, store.index, kind, reply)
+                        else:
+                            self._remember(head, store, name, store.service_index(name), kind, reply)
                 else:
                     self._await(head, route, started, registry.get(agent, kind, name, head.query))
                     return
@@ -333,6 +365,19 @@ class FastHTTPProtocol(asyncio.Protocol):
             log.exception("request failed", extra={"path": head.path})
             reply = INTERNAL_ERROR
         self._respond(head, route, reply, started, keep_alive=head.keep_alive)
+
+    def _remember(self, head: RequestHead, source: object, name: str | None, index: int, slot: int,
+                  reply: Reply) -> None:
+        """Hand a read's answer to the fast lane, which replays it while ``source``'s index (for ``name``) holds.
+
+        Called right after the read with nothing awaited in between, so ``index`` is the one the body was read
+        at (the answer shows it as at least 1: the lane keeps the raw one to compare). The path has no escapes,
+        so the raw target is the path and the raw query as they came."""
+        if reply.headers is None or list(reply.headers) != _LANE_HEADERS or reply.content_type is None:
+            return  # an answer shaped otherwise than the lane writes it: leave it to the general path
+        target = f"{head.path}?{head.query}" if head.query else head.path
+        self._lane.remember(target.encode("ascii"), source, name, index, reply.headers["X-Consul-Index"], slot,
+                            reply.body, reply.content_type, self._agent.node)
 
     def _respond(self, head: RequestHead, route: int, reply: Reply, started: float, *, keep_alive: bool) -> None:
         self._queue.append(self._encode(head, route, reply, started, keep_alive))
