@@ -20,6 +20,7 @@ from spina_fast.config import AgentConfig
 from spina_fast.dns import DNSServer
 from spina_fast.errors import InvalidRequest, SpinaError, Unavailable
 from spina_fast.observability.metrics import AgentMetrics
+from spina_fast.raft.backup import BackupWriter
 from spina_fast.raft.node import RaftNode
 from spina_fast.registry.leases import LeaseKeeper
 from spina_fast.runtime import raise_fd_limit
@@ -73,6 +74,7 @@ class Agent:
         self.responses = ResponseCache()
         self._data_dir: DataDir | None = None
         self._node: RaftNode | None = None
+        self._backup: BackupWriter | None = None
         self._runner: web.AppRunner | None = None
         self._http: FastHTTPServer | None = None
         self._leases: LeaseKeeper | None = None
@@ -122,6 +124,14 @@ class Agent:
         self._data_dir = DataDir(config.data_dir, config.node_id)
         try:
             self._node = RaftNode.from_config(config, self.state)
+            if config.backup_dir is not None:
+                # Observing from before the node starts: entries replayed from the WAL are shipped if missing.
+                self._backup = BackupWriter(config.backup_dir / config.node_id, config.node_id,
+                                            snapshot_files=self._node.snapshots.files,
+                                            snapshot_now=self._node.snapshot_now, interval=config.backup_interval,
+                                            base_interval=config.backup_base_interval, fsync=config.fsync)
+                self._backup.start()
+                self._node.on_commit = self._backup.on_commit
             self.bound_raft_addr = await self._node.start()
             self._leases = LeaseKeeper(self._node, self.state.registry)
             self._leases.start()
@@ -194,6 +204,9 @@ class Agent:
         if self._node is not None:
             await self._node.stop()
             self._node = None
+        if self._backup is not None:
+            await self._backup.close()  # seals what the node applied last
+            self._backup = None
         if self._data_dir is not None:
             self._data_dir.close()
             self._data_dir = None

@@ -7,6 +7,9 @@
     spina snapshot save backup.snap            # a consistent snapshot of a live cluster, CRC-checked
     spina snapshot inspect backup.snap         # verify a file, print its index, term and size
     spina snapshot restore backup.snap --data-dir DIR   # seed a new node's data dir from a backup
+    spina agent ... --backup-dir /backups/c1 --backup-interval 5   # continuous backup (change data capture)
+    spina snapshot inspect --from-backup /backups/c1    # verify it; print what it can be restored to
+    spina snapshot restore --from-backup /backups/c1 --to-time 2024-05-01T12:00:00Z --data-dir DIR
 """
 
 from __future__ import annotations
@@ -56,11 +59,28 @@ def add_agent_flags(agent: argparse.ArgumentParser) -> None:
                        help="entries kept behind a snapshot for followers that lag a little (default 1000)")
 
 
+    backup = agent.add_argument_group(
+        "continuous backup",
+        "Every entry this node applies is shipped to DIR/<node-id>/ as sealed, CRC-checked segment files, plus "
+        "base snapshots, so that 'spina snapshot restore --from-backup DIR' can rebuild the state as of any "
+        "committed index or time. Give every node the same DIR (a shared or object-store-like folder) or its "
+        "own: each node writes its own stream, and a restore merges the streams it finds.")
+    backup.add_argument("--backup-dir", type=Path, default=None, metavar="DIR",
+                        help="ship committed entries here (off by default)")
+    backup.add_argument("--backup-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="seal and fsync a segment at least this often; this is the RPO: an entry is in the "
+                             "backup at most this long after it was applied (0.1..60, default 10)")
+    backup.add_argument("--backup-base-interval", type=float, default=600.0, metavar="SECONDS",
+                        help="copy this node's newest snapshot into the backup at most this often, so a restore "
+                             "replays only the entries after it (0: every snapshot; default 600)")
+
+
 def agent_config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The AgentConfig fields the flags of ``add_agent_flags`` set (ValueError for a bad address)."""
     return {"join": parse_host_port(args.join, what="--join") if args.join else None,
             "snapshot_entries": args.snapshot_entries, "snapshot_bytes": args.snapshot_bytes,
-            "snapshot_catch_up_entries": args.snapshot_catch_up}
+            "snapshot_catch_up_entries": args.snapshot_catch_up, "backup_dir": args.backup_dir,
+            "backup_interval": args.backup_interval, "backup_base_interval": args.backup_base_interval}
 
 
 def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
@@ -91,18 +111,37 @@ def add_parsers(commands: argparse._SubParsersAction[Any]) -> None:
         description="Backups are snapshot files: the state machine at one Raft index, with its term and a "
                     "CRC-32C over the whole file. 'save' takes a linearizable snapshot from a live cluster; "
                     "'restore' seeds an empty data dir from one, for a new cluster (restore the same file into "
-                    "every node's data dir, then start the nodes with --peers as for a new cluster).")
+                    "every node's data dir, then start the nodes with --peers as for a new cluster). With "
+                    "--from-backup, the state is rebuilt from a continuous backup (spina agent --backup-dir) as "
+                    "of a committed index or time.")
     snapshot.add_argument("--http-addr", default=DEFAULT_HTTP_ADDR, metavar="HOST:PORT",
                           help="the agent to talk to (save)")
     snapshot_actions = snapshot.add_subparsers(dest="snapshot_command", metavar="ACTION")
     snapshot_actions.required = True
     save = snapshot_actions.add_parser("save", help="download a consistent snapshot into FILE")
     save.add_argument("file", type=Path)
-    inspect = snapshot_actions.add_parser("inspect", help="verify FILE and print its index, term and size")
-    inspect.add_argument("file", type=Path)
-    restore = snapshot_actions.add_parser("restore", help="seed an empty data dir from FILE")
-    restore.add_argument("file", type=Path)
+    inspect = snapshot_actions.add_parser(
+        "inspect", help="verify FILE (or a continuous backup) and print what it holds",
+        description="Verify a snapshot FILE and print its index, term and size; or, with --from-backup, verify "
+                    "every file of a continuous backup and print its streams, the range of indexes and times it "
+                    "can be restored to, and the achieved RPO (how long entries waited before being sealed).")
+    inspect.add_argument("file", type=Path, nargs="?")
+    inspect.add_argument("--from-backup", type=Path, action="append", metavar="DIR",
+                         help="a --backup-dir folder (or one node's stream in it); may be repeated")
+    restore = snapshot_actions.add_parser(
+        "restore", help="seed an empty data dir from FILE or from a continuous backup",
+        description="Seed an empty data dir from a snapshot FILE, or from a continuous backup (--from-backup) as "
+                    "of --to-index N or --to-time T (default: the newest index it holds). A damaged or truncated "
+                    "file, or a range of indexes missing from every stream, is refused and nothing is written.")
+    restore.add_argument("file", type=Path, nargs="?")
     restore.add_argument("--data-dir", type=Path, required=True, help="the new node's (empty) data dir")
+    restore.add_argument("--from-backup", type=Path, action="append", metavar="DIR",
+                         help="a --backup-dir folder (or one node's stream in it); may be repeated")
+    target = restore.add_mutually_exclusive_group()
+    target.add_argument("--to-index", type=_positive, metavar="N", help="the state as of committed index N")
+    target.add_argument("--to-time", metavar="T",
+                        help="the state as of time T: everything committed at or before it (unix seconds or ISO "
+                             "8601 like 2024-05-01T12:00:00Z, UTC unless an offset is given)")
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -191,22 +230,74 @@ def _save(args: argparse.Namespace) -> int:
 def restore_snapshot(source: Path, data_dir: Path) -> tuple[int, int]:
     """Seed ``data_dir`` from a snapshot file: the snapshot (without the old cluster's members, which the
     new node's flags give) and a log that starts right after it. Refuses a damaged file or a used dir."""
-    from spina_fast.raft.snapshots import SnapshotStore, read_snapshot
-    from spina_fast.raft.storage import RaftStorage
+    from spina_fast.raft.snapshots import read_snapshot
 
     meta, data = read_snapshot(source)
+    _seed_data_dir(data_dir, meta.index, meta.term, data)
+    return meta.index, meta.term
+
+
+def _check_empty(data_dir: Path) -> None:
     raft_dir = data_dir / "raft"
     if raft_dir.exists() and any(raft_dir.iterdir()):
         raise InvalidRequest(f"{raft_dir} already holds Raft data; restore only into an empty data dir")
+
+
+def _seed_data_dir(data_dir: Path, index: int, term: int, data: bytes) -> None:
+    from spina_fast.raft.snapshots import SnapshotStore
+    from spina_fast.raft.storage import RaftStorage
+
+    _check_empty(data_dir)
+    raft_dir = data_dir / "raft"
     store = SnapshotStore(raft_dir)
-    store.write(meta.index, meta.term, None, data)
+    store.write(index, term, None, data)
     storage = RaftStorage.open(raft_dir)
     try:
-        storage.write((meta.term, "", meta.index), [])
-        storage.compact(meta.index, meta.term, discard_log=True)
+        storage.write((term, "", index), [])
+        storage.compact(index, term, discard_log=True)
     finally:
         storage.close()
-    return meta.index, meta.term
+
+
+def _time_text(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment % 1 * 1000):03d}Z"
+
+
+def _inspect_backup(directories: list[Path]) -> int:
+    from spina_fast.raft.backup import scan_backup
+
+    summary = scan_backup(directories).summary()
+    for stream in summary["streams"]:
+        print(f"stream {stream['directory']}: {stream['segments']} segments, indexes {stream['first_index']}.."
+              f"{stream['last_index']}, bases at {stream['bases'] or '-'}, last sealed "
+              f"{_time_text(stream['last_sealed'])}, seal delay median {stream['seal_delay_median']}s "
+              f"max {stream['seal_delay_max']}s (achieved RPO)")
+    restorable, times = summary["restorable"], summary["restorable_times"]
+    if restorable is None:
+        print("valid, but nothing restorable: no base snapshot and the records do not start at index 1")
+    else:
+        print(f"valid; restorable to indexes {restorable[0]}..{restorable[1]} (committed {_time_text(times[0])} .. "
+              f"{_time_text(times[1])}); indexes held: "
+              + ", ".join(f"{start}..{end}" for start, end in summary["runs"]))
+    return 0
+
+
+def _restore_backup(args: argparse.Namespace) -> int:
+    from spina_fast.raft.backup import parse_time, scan_backup
+
+    _check_empty(args.data_dir)  # before the work, and again before writing
+    to_time = parse_time(args.to_time) if args.to_time is not None else None
+    started = time.monotonic()
+    backup = scan_backup(args.from_backup)
+    target = backup.resolve_target(args.to_index, to_time)
+    rebuilt = backup.rebuild(target)
+    _seed_data_dir(args.data_dir, rebuilt.index, rebuilt.term, rebuilt.data)
+    print(f"restored {', '.join(map(str, backup.streams))} into {args.data_dir}: index {rebuilt.index}, term "
+          f"{rebuilt.term}, committed {_time_text(rebuilt.commit_time)}; base at {rebuilt.base_index} + "
+          f"{rebuilt.replayed} entries replayed in {time.monotonic() - started:.2f}s; state hash {rebuilt.state_hash}")
+    return 0
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
@@ -215,6 +306,14 @@ def run_snapshot(args: argparse.Namespace) -> int:
     command = args.snapshot_command
     if command == "save":
         return _save(args)
+    if command in ("inspect", "restore") and (args.file is None) == (args.from_backup is None):
+        raise InvalidRequest(f"snapshot {command}: give a snapshot FILE or --from-backup DIR (one of them)")
+    if command == "restore" and args.file is not None and (args.to_index or args.to_time):
+        raise InvalidRequest("--to-index and --to-time need --from-backup (a snapshot file holds one index)")
+    if command == "inspect" and args.from_backup:
+        return _inspect_backup(args.from_backup)
+    if command == "restore" and args.from_backup:
+        return _restore_backup(args)
     if command == "inspect":
         meta = verify_snapshot_file(args.file)
         members = ", ".join(sorted(meta.config.voters)) if meta.config is not None else "(from the node's flags)"

@@ -96,6 +96,12 @@ class AgentConfig:
     snapshot_catch_up_entries: int = 1_000
     # HTTP address of a running member: a node with an empty data dir asks it to be added as a learner.
     join: HostPort | None = None
+    # Continuous backup (raft/backup.py): committed entries shipped to backup_dir/<node_id>/, sealed at least
+    # every backup_interval seconds (the RPO, at most 60 s); node snapshots copied as bases at most once per
+    # backup_base_interval seconds (0: every one).
+    backup_dir: Path | None = None
+    backup_interval: float = 10.0
+    backup_base_interval: float = 600.0
 
     def __post_init__(self) -> None:
         validate_node_id(self.node_id)
@@ -121,6 +127,11 @@ class AgentConfig:
             raise ValueError("--join adds this node to a running cluster; --peers bootstraps a new one: give one")
         if self.join is not None and self.join.port == 0:
             raise ValueError("--join needs the member's real HTTP port, not 0")
+        if not 0.1 <= self.backup_interval <= 60:
+            raise ValueError(f"backup interval {self.backup_interval:g}s is outside 0.1..60 s: it bounds the RPO, "
+                             "which must stay within a minute")
+        if self.backup_base_interval < 0:
+            raise ValueError(f"backup base interval {self.backup_base_interval:g}s must not be negative")
         if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", self.datacenter):
             raise ValueError(f"datacenter {self.datacenter!r} must be lower-case letters, digits, '_' or '-'")
 

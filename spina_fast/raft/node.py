@@ -188,6 +188,8 @@ class RaftNode:
         self._promoting: str | None = None
         self._running = False
         self.on_role_change: Callable[[str, str | None], None] | None = None
+        # Sees every batch of committed entries right after it is applied (continuous backup, raft/backup.py).
+        self.on_commit: Callable[[list[tuple[int, int, bytes]]], None] | None = None
 
     @classmethod
     def from_config(cls, config: AgentConfig, state_machine: StateMachine) -> RaftNode:
@@ -458,6 +460,8 @@ class RaftNode:
             self._send(ready.messages)
         for index, term, payload in ready.committed:
             self._apply(index, term, payload)
+        if self.on_commit is not None and ready.committed:
+            self.on_commit(ready.committed)
         for context, index in ready.read_states:
             future = self._reads.pop(bytes(context), None)
             if future is not None and not future.done():
