@@ -94,3 +94,32 @@ async def test_a_change_wakes_only_the_watchers_of_its_service(agent: AgentProce
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 12_000, reason="needs 12,000 open files")
+async def test_ten_thousand_idle_connections_do_not_stop_the_agent_serving() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # An agent of its own: the watchers test's 10,000 connections may still be closing on the shared one.
+    agent = await asyncio.to_thread(start_agent, "--dev", "--log-level", "warning")
+    host, port = agent.http.rsplit(":", 1)
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(20):
+            opened = await asyncio.wait_for(asyncio.gather(
+                *(asyncio.open_connection(host, int(port)) for _ in range(500))), 60)
+            writers += [writer for _, writer in opened]
+        # Connected, never a byte sent: the agent must still answer everyone else, on both front ends.
+        for path in ("/v1/status/leader", "/v1/catalog/services", "/v1/agent/self"):
+            answer = await asyncio.to_thread(urllib.request.urlopen, agent.base_url + path, None, 30)
+            assert answer.status == 200
+        # A half-closed idle connection is closed by the agent, not kept forever.
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+    finally:
+        for writer in writers:
+            writer.close()
+        agent.kill()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
