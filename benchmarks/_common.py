@@ -35,20 +35,24 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
 
-def spawn_spina_cluster(base: Path, seed: int, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int],
-                                                                 list[int]]:
-    """Start ``size`` `spina agent` processes forming one cluster; returns (processes, raft ports, http ports)."""
+def spawn_spina_cluster(base: Path, seed: int, size: int = 3, extra_args: tuple[str, ...] = ()
+                        ) -> tuple[list[subprocess.Popen[bytes]], list[int], list[int]]:
+    """Start ``size`` `spina agent` processes forming one cluster (``extra_args`` added to each command line);
+    returns (processes, raft ports, http ports)."""
     raft_ports = free_ports(size, seed=seed)
     http_ports = free_ports(size, seed=seed + 1000)
     ids = [f"n{i + 1}" for i in range(size)]
     processes = []
+    base.mkdir(parents=True, exist_ok=True)
     for i, node_id in enumerate(ids):
         peers = ",".join(f"{other}=127.0.0.1:{raft_ports[j]}" for j, other in enumerate(ids) if j != i)
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "spina_fast", "agent", "--node-id", node_id, "--data-dir", str(base / node_id),
-             "--http-addr", f"127.0.0.1:{http_ports[i]}", "--raft-addr", f"127.0.0.1:{raft_ports[i]}",
-             "--dns-addr", "127.0.0.1:0", "--peers", peers, "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # Warnings and errors go to <base>/<node>.log, to read when a run fails.
+        with open(base / f"{node_id}.log", "ab") as log_file:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "spina_fast", "agent", "--node-id", node_id, "--data-dir", str(base / node_id),
+                 "--http-addr", f"127.0.0.1:{http_ports[i]}", "--raft-addr", f"127.0.0.1:{raft_ports[i]}",
+                 "--dns-addr", "127.0.0.1:0", "--peers", peers, "--log-level", "warning", *extra_args],
+                stdout=subprocess.DEVNULL, stderr=log_file))
     return processes, raft_ports, http_ports
 
 

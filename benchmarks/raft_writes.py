@@ -4,14 +4,17 @@
    Spina (three RaftNodes on one uvloop loop, fsync on) vs PySyncObj (three SyncObj + ReplDict, its
    defaults; it does not fsync). Committed writes/s and commit latency p50/p99, then p50/p99 of Spina
    under an open-loop load at half of its measured peak.
-2. Over HTTP, 3 separate server processes each: Spina's `PUT /v1/kv/<key>` vs etcd's JSON gateway
-   `POST /v3/kv/put`, both driven by the same aiohttp client at C concurrent requests, sent to the leader.
+2. Over HTTP, 3 separate server processes each, fsync on: Spina's `PUT /v1/kv/<key>` vs etcd's JSON gateway
+   `POST /v3/kv/put`, both driven by the same C load generator (wrk -t1, C connections, a Lua script per
+   system) at the leader, the two clusters taking turns within each round. Then each at half its own peak
+   rate under an open-loop generator (pipelined raw sockets; latency counted from when a write was due).
 
 Every run is checked: the keys written are read back from a follower (Spina, etcd) or every replica
 (PySyncObj) and must hold the values written.
 
-    python benchmarks/raft_writes.py [--writes 20000] [--concurrency 64] [--runs 3] [--json]
-Needs: pip install pysyncobj; etcd (Debian: apt-get install etcd-server) for part 2.
+    python benchmarks/raft_writes.py [--writes 20000] [--http-duration 8] [--concurrency 64] [--runs 3]
+                                     [--skip-inprocess | --skip-http] [--json]
+Needs: pip install pysyncobj; etcd and wrk (Debian: apt-get install etcd-server wrk) for part 2.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import asyncio
 import base64
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +53,11 @@ class WrongAnswer(AssertionError):
     """A timed run lost or garbled writes: its timing is worthless."""
 
 
+VALUE_STEM_BYTES = 18  # "value-%011d-": a multiple of 3, see _LUA_VALUE
+
+
 def value_for(index: int, size: int) -> bytes:
-    stem = f"value-{index}-".encode()
-    return stem + b"x" * (size - len(stem))
+    return f"value-{index:011d}-".encode() + b"x" * (size - VALUE_STEM_BYTES)
 
 
 def summarize(latencies: list[float], elapsed: float) -> dict[str, float]:
@@ -242,32 +251,69 @@ def bench_pysyncobj(args: argparse.Namespace) -> dict[str, Any]:
             node.destroy()
 
 
-# --- over HTTP: Spina agents vs etcd ---------------------------------------------------------------------------------
+# --- over HTTP: Spina agents vs etcd, both driven by wrk ---------------------------------------------------------
 
-async def _http_drive(url_for: Any, body_for: Any, method: str, writes: int, concurrency: int,
-                      prefix: str) -> tuple[list[float], float]:
-    import aiohttp
+# wrk (C, one thread) drives both systems with the same logic: request n of a run writes <prefix>/<n> with
+# value_for(n). etcd's gateway wants key and value in base64: the value's stem is 18 bytes, a multiple of 3, so
+# its base64 is the stem's followed by the padding's, which is computed once per run.
+_LUA_VALUE = """
+local counter = 0
+local prefix = "@PREFIX@"
+local pad = string.rep("x", @SIZE@ - @STEM@)
+local function stem(n) return string.format("value-%011d-", n) end
+"""
+_LUA_SPINA = _LUA_VALUE + """
+request = function()
+  local n = counter
+  counter = counter + 1
+  return wrk.format("PUT", "/v1/kv/" .. prefix .. "/" .. n, nil, stem(n) .. pad)
+end
+"""
+_LUA_ETCD = _LUA_VALUE + """
+local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local codes = {}
+for i = 1, 64 do codes[i - 1] = alphabet:sub(i, i) end
+local function b64(data)
+  local out = {}
+  for i = 1, #data, 3 do
+    local a, b, c = data:byte(i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    out[#out + 1] = codes[math.floor(n / 262144) % 64] .. codes[math.floor(n / 4096) % 64]
+      .. (b and codes[math.floor(n / 64) % 64] or "=") .. (c and codes[n % 64] or "=")
+  end
+  return table.concat(out)
+end
+local pad64 = b64(pad)
+local headers = {["Content-Type"] = "application/json"}
+request = function()
+  local n = counter
+  counter = counter + 1
+  local body = '{"key":"' .. b64(prefix .. "/" .. n) .. '","value":"' .. b64(stem(n)) .. pad64 .. '"}'
+  return wrk.format("POST", "/v3/kv/put", headers, body)
+end
+"""
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
-    latencies: list[float] = []
-    next_index = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
 
-        async def writer() -> None:
-            nonlocal next_index
-            while next_index < writes:
-                index = next_index
-                next_index += 1
-                begin = time.perf_counter()
-                async with session.request(method, url_for(prefix, index), data=body_for(prefix, index)) as reply:
-                    payload = await reply.read()
-                    if reply.status != 200:
-                        raise WrongAnswer(f"HTTP {reply.status}: {payload[:200]!r}")
-                latencies.append(time.perf_counter() - begin)
+@dataclass
+class HttpSystem:
+    """A 3-process cluster serving HTTP writes: how to drive it (wrk's Lua, raw requests) and read it back."""
 
-        await asyncio.gather(*(writer() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+    name: str
+    processes: list[subprocess.Popen[bytes]]
+    leader_port: int
+    lua: str
+    raw_request: Callable[[str, int, int], bytes]  # (prefix, index, size) -> one HTTP/1.1 request
+    read_back: Callable[[str, int], bytes]  # (prefix, index) -> the value a follower holds
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the cluster's processes have used so far, with their finished children's
+        (Spina's snapshot processes) (Linux /proc: utime, stime, cutime, cstime)."""
+        total = 0
+        for process in self.processes:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])
+        return total / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_http(url: str, method: str = "GET", body: bytes | None = None, timeout: float = 30) -> bytes:
@@ -284,57 +330,40 @@ def _wait_http(url: str, method: str = "GET", body: bytes | None = None, timeout
             time.sleep(0.05)
 
 
-def _timed_http_runs(args: argparse.Namespace, url_for: Any, body_for: Any, method: str,
-                     check: Any) -> list[dict[str, float]]:
-    """A warm-up, then ``args.runs`` timed runs, each checked by reading a sample of its keys back."""
-    asyncio.run(_http_drive(url_for, body_for, method, min(2000, args.writes), args.concurrency, "warmup"))
-    runs = []
-    for run in range(args.runs):
-        latencies, elapsed = asyncio.run(_http_drive(url_for, body_for, method, args.writes, args.concurrency,
-                                                     f"r{run}"))
-        for index in range(0, args.writes, max(1, args.writes // 200)):
-            check(f"r{run}", index)
-        runs.append(summarize(latencies, elapsed))
-    return runs
-
-
-def bench_spina_http(args: argparse.Namespace) -> dict[str, Any]:
-    base = Path(tempfile.mkdtemp(prefix="bench-spina-http-"))
-    processes, raft_ports, http_ports = spawn_spina_cluster(base, seed=11)
+def start_spina(base: Path, extra_args: tuple[str, ...] = ()) -> HttpSystem:
+    processes, raft_ports, http_ports = spawn_spina_cluster(base, seed=11, extra_args=extra_args)
     try:
         deadline = time.monotonic() + 30
         leader = ""
         while not leader:
             if time.monotonic() > deadline:
-                raise RuntimeError("spina http: no leader within 30 s")
+                raise RuntimeError("spina: no leader within 30 s")
             leader = orjson.loads(_wait_http(f"http://127.0.0.1:{http_ports[0]}/v1/status/leader"))
-            time.sleep(0.05) if not leader else None
-        leader_http = http_ports[raft_ports.index(int(leader.rsplit(":", 1)[1]))]
-        follower_http = next(port for port in http_ports if port != leader_http)
-
-        def url_for(prefix: str, index: int) -> str:
-            return f"http://127.0.0.1:{leader_http}/v1/kv/{prefix}/{index}"
-
-        def body_for(prefix: str, index: int) -> bytes:
-            return value_for(index, args.payload)
-
-        def check(prefix: str, index: int) -> None:
-            got = _wait_http(f"http://127.0.0.1:{follower_http}/v1/kv/{prefix}/{index}?raw&consistent")
-            if got != value_for(index, args.payload):
-                raise WrongAnswer(f"spina http: follower returned {got[:40]!r} for {prefix}/{index}")
-
-        runs = _timed_http_runs(args, url_for, body_for, "PUT", check)
-        return {"runs": runs}
-    finally:
+            if not leader:
+                time.sleep(0.05)
+    except BaseException as exc:
         stop_processes(processes)
-        shutil.rmtree(base, ignore_errors=True)
+        logs = "".join(f"\n--- {path.name}:\n{path.read_text(errors='replace')[-2000:]}"
+                       for path in sorted(base.glob("*.log")))
+        raise RuntimeError(f"spina cluster did not come up: {exc}{logs}") from exc
+    leader_port = http_ports[raft_ports.index(int(leader.rsplit(":", 1)[1]))]
+    follower_port = next(port for port in http_ports if port != leader_port)
+
+    def raw_request(prefix: str, index: int, size: int) -> bytes:
+        value = value_for(index, size)
+        return (f"PUT /v1/kv/{prefix}/{index} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(value)}\r\n\r\n"
+                .encode() + value)
+
+    def read_back(prefix: str, index: int) -> bytes:
+        return _wait_http(f"http://127.0.0.1:{follower_port}/v1/kv/{prefix}/{index}?raw&consistent")
+
+    return HttpSystem("spina", processes, leader_port, _LUA_SPINA, raw_request, read_back)
 
 
-def bench_etcd(args: argparse.Namespace) -> dict[str, Any]:
+def start_etcd(base: Path) -> HttpSystem:
     etcd = shutil.which("etcd")
     if etcd is None:
         raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
-    base = Path(tempfile.mkdtemp(prefix="bench-etcd-"))
     client_ports = free_ports(3, seed=21)
     peer_ports = free_ports(3, seed=22)
     names = ["e1", "e2", "e3"]
@@ -342,6 +371,7 @@ def bench_etcd(args: argparse.Namespace) -> dict[str, Any]:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for i, name in enumerate(names):
+            # etcd fsyncs its WAL on every Raft Ready by default (there is no switch to turn it off in 3.4).
             processes.append(subprocess.Popen(
                 [etcd, "--name", name, "--data-dir", str(base / name),
                  "--listen-client-urls", f"http://127.0.0.1:{client_ports[i]}",
@@ -362,96 +392,283 @@ def bench_etcd(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("etcd: no leader within 30 s")
                 time.sleep(0.05)
-        follower_port = next(port for port in client_ports if port != leader_port)
-
-        def url_for(prefix: str, index: int) -> str:
-            return f"http://127.0.0.1:{leader_port}/v3/kv/put"
-
-        def body_for(prefix: str, index: int) -> bytes:
-            return orjson.dumps({"key": base64.b64encode(f"{prefix}/{index}".encode()).decode(),
-                                 "value": base64.b64encode(value_for(index, args.payload)).decode()})
-
-        def check(prefix: str, index: int) -> None:
-            reply = orjson.loads(_wait_http(
-                f"http://127.0.0.1:{follower_port}/v3/kv/range", "POST",
-                orjson.dumps({"key": base64.b64encode(f"{prefix}/{index}".encode()).decode()})))
-            if base64.b64decode(reply["kvs"][0]["value"]) != value_for(index, args.payload):
-                raise WrongAnswer(f"etcd: follower lacks {prefix}/{index}")
-
-        runs = _timed_http_runs(args, url_for, body_for, "POST", check)
-        return {"runs": runs, "version": subprocess.run([etcd, "--version"], capture_output=True,
-                                                        text=True).stdout.split("\n")[0]}
-    finally:
+    except BaseException:
         stop_processes(processes)
+        raise
+    follower_port = next(port for port in client_ports if port != leader_port)
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    def raw_request(prefix: str, index: int, size: int) -> bytes:
+        body = orjson.dumps({"key": b64(f"{prefix}/{index}".encode()), "value": b64(value_for(index, size))})
+        return (f"POST /v3/kv/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def read_back(prefix: str, index: int) -> bytes:
+        reply = orjson.loads(_wait_http(f"http://127.0.0.1:{follower_port}/v3/kv/range", "POST",
+                                        orjson.dumps({"key": b64(f"{prefix}/{index}".encode())})))
+        return base64.b64decode(reply["kvs"][0]["value"]) if reply.get("kvs") else b""
+
+    version = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return HttpSystem(version.replace("Version: ", ""), processes, leader_port, _LUA_ETCD, raw_request, read_back)
+
+
+def _wrk_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(f"wrk latency {text!r}")
+    return float(match.group(1)) * _WRK_UNITS[match.group(2)]
+
+
+def run_wrk(system: HttpSystem, prefix: str, args: argparse.Namespace, duration: float,
+            workdir: Path) -> dict[str, float]:
+    """One closed-loop wrk run (-t1, ``args.concurrency`` connections); returns writes/s, p50/p99 and the
+    number of writes wrk saw answered (request n of the run wrote ``prefix/n``)."""
+    script = workdir / f"{system.name.split()[0]}-{prefix}.lua"
+    script.write_text(system.lua.replace("@PREFIX@", prefix).replace("@SIZE@", str(args.payload))
+                      .replace("@STEM@", str(VALUE_STEM_BYTES)))
+    command = ["wrk", "-t1", f"-c{args.concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "10s",
+               "-s", str(script), f"http://127.0.0.1:{system.leader_port}/"]
+    used = system.cpu_seconds()
+    output = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
+    cpu = system.cpu_seconds() - used
+    if "Socket errors" in output or "Non-2xx or 3xx responses" in output:
+        raise WrongAnswer(f"{system.name}: wrk saw errors:\n{output}")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    count = re.search(r"(\d+) requests in", output)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    if not (rate and count and p50 and p99):
+        raise RuntimeError(f"cannot read wrk's output:\n{output}")
+    writes = int(count.group(1))
+    return {"writes_per_s": float(rate.group(1)), "p50_ms": _wrk_ms(p50.group(1)), "p99_ms": _wrk_ms(p99.group(1)),
+            "writes": writes, "cpu_us_per_write": cpu / max(writes, 1) * 1e6}
+
+
+def verify_http(system: HttpSystem, prefix: str, answered: int, args: argparse.Namespace) -> None:
+    """Read a sample of a run's keys back from a follower. wrk counts answers, not which request each answered:
+    the last ``concurrency`` requests sent may be the ones still in flight, so the sample stops short of them.
+    wrk builds (and never sends) one request per thread before it starts, so request 0 is not written."""
+    checked = max(1, answered - args.concurrency)
+    for index in range(1, checked, max(1, checked // 200)):
+        got = system.read_back(prefix, index)
+        if got != value_for(index, args.payload):
+            raise WrongAnswer(f"{system.name}: a follower returned {got[:40]!r} for {prefix}/{index}")
+
+
+class _OpenLoopConnection(asyncio.Protocol):
+    """One pipelined connection of the open-loop generator: answers come back in request order (HTTP/1.1)."""
+
+    def __init__(self, latencies: list[float], failures: list[bytes]) -> None:
+        self.due: deque[float] = deque()
+        self._buffer = bytearray()
+        self._latencies = latencies
+        self._failures = failures
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        buffer = self._buffer
+        buffer += data
+        while True:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            length = _CONTENT_LENGTH.search(buffer, 0, head_end)
+            if length is None:
+                raise WrongAnswer(f"an answer without Content-Length: {bytes(buffer[:head_end])!r}")
+            end = head_end + 4 + int(length.group(1))
+            if len(buffer) < end:
+                return
+            if buffer[9:12] != b"200":
+                self._failures.append(bytes(buffer[:end]))
+            del buffer[:end]
+            self._latencies.append(now - self.due.popleft())
+
+
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+
+
+async def open_loop(system: HttpSystem, prefix: str, rate: float, count: int,
+                    args: argparse.Namespace) -> dict[str, float]:
+    """``count`` writes at ``rate``/s on ``args.concurrency`` pipelined connections, whether or not earlier ones
+    were answered (wrk's closed loop would slow down with the server and hide its stalls). Latency runs from
+    the moment a write was due, so a late generator counts against the server, never for it."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    failures: list[bytes] = []
+    connections = []
+    for _ in range(args.concurrency):
+        _, protocol = await loop.create_connection(lambda: _OpenLoopConnection(latencies, failures),
+                                                   "127.0.0.1", system.leader_port)
+        connections.append(protocol)
+    requests = [system.raw_request(prefix, index, args.payload) for index in range(count)]
+    used = system.cpu_seconds()
+    started = time.monotonic() + 0.01
+    lag = 0.0
+    for index, request in enumerate(requests):
+        due = started + index / rate
+        now = time.monotonic()
+        if due > now:
+            await asyncio.sleep(due - now)
+        else:
+            lag = max(lag, now - due)
+        connection = connections[index % len(connections)]
+        connection.due.append(due)
+        assert connection.transport is not None
+        connection.transport.write(request)
+    deadline = time.monotonic() + 30
+    while len(latencies) + len(failures) < count:
+        if time.monotonic() > deadline:
+            raise WrongAnswer(f"{system.name}: {count - len(latencies)} open-loop writes never answered")
+        await asyncio.sleep(0.01)
+    elapsed = time.monotonic() - started
+    cpu = system.cpu_seconds() - used
+    for connection in connections:
+        assert connection.transport is not None
+        connection.transport.close()
+    if failures:
+        raise WrongAnswer(f"{system.name}: {len(failures)} open-loop writes failed, e.g. {failures[0][:300]!r}")
+    return {**summarize(latencies, elapsed), "rate": rate, "generator_max_lag_ms": lag * 1000,
+            "cpu_us_per_write": cpu / count * 1e6}
+
+
+def bench_http(args: argparse.Namespace) -> dict[str, Any]:
+    """Both clusters up at once; each round times one, then the other (the order alternating), so the shared
+    machine's changing load weighs on both alike. Then each at half its own median peak, open loop."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("the HTTP comparison needs wrk (apt-get install wrk)")
+    import uvloop
+
+    base = Path(tempfile.mkdtemp(prefix="bench-raft-http-"))
+    systems: list[HttpSystem] = []
+    try:
+        systems.append(start_spina(base / "spina", tuple(args.spina_args.split())))
+        systems.append(start_etcd(base / "etcd"))
+        runs: dict[str, list[dict[str, float]]] = {system.name: [] for system in systems}
+        half: dict[str, list[dict[str, float]]] = {system.name: [] for system in systems}
+        for system in systems:
+            run_wrk(system, "warmup", args, 2, base)
+        for run in range(args.runs):
+            for system in systems if run % 2 == 0 else systems[::-1]:
+                result = run_wrk(system, f"r{run}", args, args.http_duration, base)
+                verify_http(system, f"r{run}", int(result["writes"]), args)
+                runs[system.name].append(result)
+        for run in range(args.runs):
+            for system in systems if run % 2 == 0 else systems[::-1]:
+                rate = median([r["writes_per_s"] for r in runs[system.name]]) / 2
+                count = max(1000, int(rate * args.http_duration))
+                result = uvloop.run(open_loop(system, f"h{run}", rate, count, args))
+                verify_http(system, f"h{run}", count + args.concurrency, args)
+                half[system.name].append(result)
+        return {"systems": [system.name for system in systems], "runs": runs, "half_load_runs": half}
+    except BaseException:
+        for path in sorted((base / "spina").glob("*.log")):
+            print(f"--- {path.name} (last lines):\n{path.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for system in systems:
+            stop_processes(system.processes)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _medians(result: dict[str, Any], key: str = "runs") -> dict[str, float]:
-    return {metric: median([run[metric] for run in result[key]]) for metric in ("writes_per_s", "p50_ms", "p99_ms")}
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {metric: median([run[metric] for run in runs]) for metric in runs[0]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--writes", type=int, default=20000, help="writes per timed run (default 20000)")
-    parser.add_argument("--http-writes", type=int, default=10000, help="writes per HTTP run (default 10000)")
+    parser.add_argument("--writes", type=int, default=20000, help="writes per in-process run (default 20000)")
+    parser.add_argument("--http-duration", type=float, default=8, help="seconds per HTTP run (default 8)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--deep-concurrency", type=int, default=4096,
                         help="a second in-process comparison with this many writes in flight (default 4096)")
-    parser.add_argument("--payload", type=int, default=200, help="value size in bytes")
+    parser.add_argument("--payload", type=int, default=200, help="value size in bytes (default 200)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-http", action="store_true", help="only the in-process comparison")
+    parser.add_argument("--skip-inprocess", action="store_true", help="only the HTTP comparison")
+    parser.add_argument("--spina-args", default="", metavar="ARGS",
+                        help="extra `spina agent` flags for the HTTP cluster, e.g. '--snapshot-entries 100000' "
+                             "(etcd's default --snapshot-count); printed with the results")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args()
+    if args.payload < VALUE_STEM_BYTES:
+        parser.error(f"--payload must be at least {VALUE_STEM_BYTES} bytes (the value names its index)")
     import uvloop
 
-    report: dict[str, Any] = {"machine": machine(), "concurrency": args.concurrency, "payload_bytes": args.payload}
-    spina = uvloop.run(bench_spina_inprocess(args))
-    pysyncobj = bench_pysyncobj(args)
-    report["inprocess"] = {"spina": {**_medians(spina), "half_load": _medians(spina, "half_load_runs"),
-                                     "fsyncs": spina["fsyncs"], "gc_full_pauses_ms": spina["gc_full_pauses_ms"]},
-                           "pysyncobj": _medians(pysyncobj)}
-    report["inprocess"]["ratio"] = (report["inprocess"]["spina"]["writes_per_s"]
-                                    / report["inprocess"]["pysyncobj"]["writes_per_s"])
-    report["inprocess_deep"] = {"concurrency": args.deep_concurrency, "spina": _medians(spina, "deep_runs"),
-                                "pysyncobj": _medians(pysyncobj, "deep_runs")}
-    report["inprocess_deep"]["ratio"] = (report["inprocess_deep"]["spina"]["writes_per_s"]
-                                         / report["inprocess_deep"]["pysyncobj"]["writes_per_s"])
+    report: dict[str, Any] = {"machine": machine(), "concurrency": args.concurrency, "payload_bytes": args.payload,
+                              "runs": args.runs}
+    if not args.skip_inprocess:
+        spina = uvloop.run(bench_spina_inprocess(args))
+        pysyncobj = bench_pysyncobj(args)
+        report["inprocess"] = {"spina": {**_medians(spina["runs"]), "half_load": _medians(spina["half_load_runs"]),
+                                         "fsyncs": spina["fsyncs"], "gc_full_pauses_ms": spina["gc_full_pauses_ms"]},
+                               "pysyncobj": _medians(pysyncobj["runs"])}
+        report["inprocess"]["ratio"] = (report["inprocess"]["spina"]["writes_per_s"]
+                                        / report["inprocess"]["pysyncobj"]["writes_per_s"])
+        report["inprocess_deep"] = {"concurrency": args.deep_concurrency, "spina": _medians(spina["deep_runs"]),
+                                    "pysyncobj": _medians(pysyncobj["deep_runs"])}
+        report["inprocess_deep"]["ratio"] = (report["inprocess_deep"]["spina"]["writes_per_s"]
+                                             / report["inprocess_deep"]["pysyncobj"]["writes_per_s"])
     if not args.skip_http:
-        http_args = argparse.Namespace(**{**vars(args), "writes": args.http_writes})
-        spina_http = bench_spina_http(http_args)
-        etcd = bench_etcd(http_args)
-        report["http"] = {"spina": _medians(spina_http), "etcd": {**_medians(etcd), "version": etcd["version"]}}
-        report["http"]["ratio"] = report["http"]["spina"]["writes_per_s"] / report["http"]["etcd"]["writes_per_s"]
+        http = bench_http(args)
+        spina_name, etcd_name = http["systems"]
+        spina_runs, etcd_runs = http["runs"][spina_name], http["runs"][etcd_name]
+        report["http"] = {
+            "driver": f"wrk -t1 -c{args.concurrency}, {args.http_duration:g} s per run",
+            "spina_args": args.spina_args,
+            "spina": {**_medians(spina_runs), "half_load": _medians(http["half_load_runs"][spina_name]),
+                      "runs": spina_runs},
+            "etcd": {**_medians(etcd_runs), "half_load": _medians(http["half_load_runs"][etcd_name]),
+                     "version": etcd_name, "runs": etcd_runs},
+            # Each round timed both: the median of the per-round ratios is steadier than the ratio of medians.
+            "ratio": median([s["writes_per_s"] / e["writes_per_s"] for s, e in zip(spina_runs, etcd_runs,
+                                                                                    strict=True)]),
+        }
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
-    ip = report["inprocess"]
     print(f"machine: {report['machine']}; {args.concurrency} concurrent writers, {args.payload}-byte values, "
           f"medians of {args.runs} runs")
-    print_table("In-process, 3 nodes on loopback TCP", ["system", "writes/s", "p50 ms", "p99 ms", "fsync"], [
-        ["spina raft", ip["spina"]["writes_per_s"], ip["spina"]["p50_ms"], ip["spina"]["p99_ms"], "yes"],
-        ["pysyncobj ReplDict", ip["pysyncobj"]["writes_per_s"], ip["pysyncobj"]["p50_ms"],
-         ip["pysyncobj"]["p99_ms"], "no"],
-    ])
-    deep = report["inprocess_deep"]
-    print_table(f"In-process, {args.deep_concurrency} writes in flight", ["system", "writes/s", "p50 ms", "p99 ms"], [
-        ["spina raft", deep["spina"]["writes_per_s"], deep["spina"]["p50_ms"], deep["spina"]["p99_ms"]],
-        ["pysyncobj ReplDict", deep["pysyncobj"]["writes_per_s"], deep["pysyncobj"]["p50_ms"],
-         deep["pysyncobj"]["p99_ms"]],
-    ])
-    print(f"ratio spina / pysyncobj: {ip['ratio']:.2f}x at {args.concurrency} in flight, {deep['ratio']:.2f}x at "
-          f"{args.deep_concurrency}")
-    print(f"spina at half its peak (open loop): p50 "
-          f"{ip['spina']['half_load']['p50_ms']:.2f} ms, p99 {ip['spina']['half_load']['p99_ms']:.2f} ms; "
-          f"full GC pauses (ms): {ip['spina']['gc_full_pauses_ms']}")
-    if "http" in report:
-        http = report["http"]
-        print_table("HTTP, 3 server processes, same aiohttp client", ["system", "writes/s", "p50 ms", "p99 ms"], [
-            ["spina PUT /v1/kv", http["spina"]["writes_per_s"], http["spina"]["p50_ms"], http["spina"]["p99_ms"]],
-            [f"etcd {http['etcd']['version']}", http["etcd"]["writes_per_s"], http["etcd"]["p50_ms"],
-             http["etcd"]["p99_ms"]],
+    if "inprocess" in report:
+        ip = report["inprocess"]
+        print_table("In-process, 3 nodes on loopback TCP", ["system", "writes/s", "p50 ms", "p99 ms", "fsync"], [
+            ["spina raft", ip["spina"]["writes_per_s"], ip["spina"]["p50_ms"], ip["spina"]["p99_ms"], "yes"],
+            ["pysyncobj ReplDict", ip["pysyncobj"]["writes_per_s"], ip["pysyncobj"]["p50_ms"],
+             ip["pysyncobj"]["p99_ms"], "no"],
         ])
-        print(f"ratio spina / etcd: {http['ratio']:.2f}x")
+        deep = report["inprocess_deep"]
+        print_table(f"In-process, {args.deep_concurrency} writes in flight",
+                    ["system", "writes/s", "p50 ms", "p99 ms"], [
+                        ["spina raft", deep["spina"]["writes_per_s"], deep["spina"]["p50_ms"],
+                         deep["spina"]["p99_ms"]],
+                        ["pysyncobj ReplDict", deep["pysyncobj"]["writes_per_s"], deep["pysyncobj"]["p50_ms"],
+                         deep["pysyncobj"]["p99_ms"]],
+                    ])
+        print(f"ratio spina / pysyncobj: {ip['ratio']:.2f}x at {args.concurrency} in flight, {deep['ratio']:.2f}x "
+              f"at {args.deep_concurrency}")
+        print(f"spina at half its peak (open loop): p50 "
+              f"{ip['spina']['half_load']['p50_ms']:.2f} ms, p99 {ip['spina']['half_load']['p99_ms']:.2f} ms; "
+              f"full GC pauses (ms): {ip['spina']['gc_full_pauses_ms']}")
+    if "http" in report:
+        http_report = report["http"]
+        rows = []
+        for label, key in (("spina PUT /v1/kv", "spina"), (f"etcd {http_report['etcd']['version']}", "etcd")):
+            result = http_report[key]
+            half_load = result["half_load"]
+            if key == "spina" and http_report["spina_args"]:
+                label += f" ({http_report['spina_args']})"
+            rows.append([label, result["writes_per_s"], result["p50_ms"], result["p99_ms"],
+                         result["cpu_us_per_write"], f"{half_load['rate']:,.0f}/s", half_load["p50_ms"],
+                         half_load["p99_ms"]])
+        print_table(f"HTTP, 3 server processes each, fsync on, {http_report['driver']}; then open loop at half "
+                    "the system's own peak", ["system", "writes/s", "p50 ms", "p99 ms", "server CPU µs/write",
+                                              "half load", "p50 ms", "p99 ms"], rows)
+        print(f"ratio spina / etcd (median of per-round ratios): {http_report['ratio']:.2f}x")
     return 0
 
 

@@ -2,7 +2,11 @@ from typing import Final
 
 Buffer = bytes | bytearray | memoryview
 
+CRC32C_IMPLEMENTATION: str  # "sse4.2" or "slicing-by-8"
+
 def crc32c(data: Buffer, crc: int = 0) -> int: ...
+def crc32c_portable(data: Buffer, crc: int = 0) -> int: ...
+def encode_wal_entries(entries: list[tuple[int, int, bytes]], first_index: int, record_type: int) -> bytes: ...
 
 class RaftLog:
     snapshot_index: int

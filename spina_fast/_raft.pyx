@@ -5,46 +5,200 @@ core (RaftCore) as a deterministic state machine.
 Python owns sockets, timers and fsync; this module owns the bytes and the bookkeeping.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+import os
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 
-cdef uint32_t _CRC32C_TABLE[256]
+cdef extern from *:
+    """
+    /* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum iSCSI, ext4 and etcd's WAL use.
+       It is on every peer frame and every WAL record, so it gets the CPU's instruction where there is one
+       (SSE4.2 crc32, 8 bytes per instruction, chosen at import by a CPUID check) and slicing-by-8 elsewhere
+       (8 table lookups per 8 bytes instead of one per byte: Intel's "slicing-by-8", Kounavis & Berry 2005). */
+    #include <stdint.h>
+    #include <string.h>
+
+    static uint32_t spina_crc32c_tables[8][256];
+
+    static void spina_crc32c_build_tables(void) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t crc = i;
+            for (int bit = 0; bit < 8; bit++) {
+                crc = (crc & 1) ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+            }
+            spina_crc32c_tables[0][i] = crc;
+        }
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t crc = spina_crc32c_tables[0][i];
+            for (int table = 1; table < 8; table++) {
+                crc = spina_crc32c_tables[0][crc & 0xFF] ^ (crc >> 8);
+                spina_crc32c_tables[table][i] = crc;
+            }
+        }
+    }
+
+    static uint32_t spina_crc32c_portable(uint32_t crc, const unsigned char *data, size_t length) {
+        uint32_t (*t)[256] = spina_crc32c_tables;
+        crc = ~crc;
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        while (length >= 8) {
+            uint32_t low, high;
+            memcpy(&low, data, 4);
+            memcpy(&high, data + 4, 4);
+            low ^= crc;
+            crc = t[7][low & 0xFF] ^ t[6][(low >> 8) & 0xFF] ^ t[5][(low >> 16) & 0xFF] ^ t[4][low >> 24]
+                ^ t[3][high & 0xFF] ^ t[2][(high >> 8) & 0xFF] ^ t[1][(high >> 16) & 0xFF] ^ t[0][high >> 24];
+            data += 8;
+            length -= 8;
+        }
+    #endif
+        while (length--) {
+            crc = t[0][(crc ^ *data++) & 0xFF] ^ (crc >> 8);
+        }
+        return ~crc;
+    }
+
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    #include <nmmintrin.h>
+    #define SPINA_CRC32C_HARDWARE 1
+    __attribute__((target("sse4.2")))
+    static uint32_t spina_crc32c_sse42(uint32_t crc, const unsigned char *data, size_t length) {
+        uint64_t crc64 = (uint32_t)~crc;
+        while (length >= 8) {
+            uint64_t word;
+            memcpy(&word, data, 8);
+            crc64 = _mm_crc32_u64(crc64, word);
+            data += 8;
+            length -= 8;
+        }
+        uint32_t crc32 = (uint32_t)crc64;
+        while (length--) {
+            crc32 = _mm_crc32_u8(crc32, *data++);
+        }
+        return ~crc32;
+    }
+    #else
+    #define SPINA_CRC32C_HARDWARE 0
+    #endif
+
+    static uint32_t (*spina_crc32c)(uint32_t, const unsigned char *, size_t) = spina_crc32c_portable;
+    static const char *spina_crc32c_name = "slicing-by-8";
+
+    static void spina_crc32c_init(int allow_hardware) {
+        spina_crc32c_build_tables();
+        spina_crc32c = spina_crc32c_portable;
+        spina_crc32c_name = "slicing-by-8";
+    #if SPINA_CRC32C_HARDWARE
+        __builtin_cpu_init();
+        if (allow_hardware && __builtin_cpu_supports("sse4.2")) {
+            spina_crc32c = spina_crc32c_sse42;
+            spina_crc32c_name = "sse4.2";
+        }
+    #endif
+    }
+    """
+    void spina_crc32c_init(int allow_hardware) noexcept nogil
+    uint32_t spina_crc32c(uint32_t crc, const unsigned char* data, size_t length) noexcept nogil
+    uint32_t spina_crc32c_portable(uint32_t crc, const unsigned char* data, size_t length) noexcept nogil
+    const char* spina_crc32c_name
 
 
-cdef void _build_crc32c_table() noexcept nogil:
-    # CRC-32C (Castagnoli, reflected polynomial 0x82F63B78): the checksum iSCSI, ext4 and etcd's WAL use.
-    cdef uint32_t crc
-    cdef int i, bit
-    for i in range(256):
-        crc = <uint32_t>i
-        for bit in range(8):
-            if crc & 1:
-                crc = (crc >> 1) ^ <uint32_t>0x82F63B78U
-            else:
-                crc >>= 1
-        _CRC32C_TABLE[i] = crc
+# SPINA_CRC32C=portable forces the table-driven code (to compare, or on a CPU that misreports SSE4.2).
+spina_crc32c_init(os.environ.get("SPINA_CRC32C", "") != "portable")
 
-
-_build_crc32c_table()
+CRC32C_IMPLEMENTATION: str = spina_crc32c_name.decode()
 
 
 cdef uint32_t crc32c_update(uint32_t crc, const unsigned char* data, Py_ssize_t length) noexcept nogil:
-    cdef Py_ssize_t i
-    crc = ~crc
-    for i in range(length):
-        crc = _CRC32C_TABLE[(crc ^ data[i]) & 0xFF] ^ (crc >> 8)
-    return ~crc
+    return spina_crc32c(crc, data, <size_t>length)
 
 
-def crc32c(const unsigned char[:] data not None, uint32_t crc=0) -> int:
-    """CRC-32C of ``data``, continuing from ``crc`` (0 to start)."""
-    if data.shape[0] == 0:
-        return crc
-    return crc32c_update(crc, &data[0], data.shape[0])
+# Above this many bytes crc32c releases the GIL: a snapshot file's checksum, computed in a worker thread,
+# then no longer stops the event loop (tens of MB take tens of ms even at SSE4.2 speed).
+cdef enum:
+    _CRC_NOGIL_BYTES = 1 << 16
+
+
+cdef inline uint32_t _crc32c_buffer(uint32_t crc, const unsigned char* data, size_t length) noexcept:
+    if length < _CRC_NOGIL_BYTES:
+        return spina_crc32c(crc, data, length)
+    with nogil:
+        crc = spina_crc32c(crc, data, length)
+    return crc
+
+
+def crc32c(data, uint32_t crc=0) -> int:
+    """CRC-32C of ``data`` (bytes or any contiguous buffer), continuing from ``crc`` (0 to start)."""
+    cdef Py_buffer view
+    if type(data) is bytes:
+        return _crc32c_buffer(crc, <const unsigned char*>PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return _crc32c_buffer(crc, <const unsigned char*>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def crc32c_portable(data, uint32_t crc=0) -> int:
+    """``crc32c`` by the table-driven code whatever the CPU offers (tests compare the two)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        return spina_crc32c_portable(crc, <const unsigned char*>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline void _put_le32(unsigned char* out, uint32_t value) noexcept nogil:
+    out[0] = value & 0xFF
+    out[1] = (value >> 8) & 0xFF
+    out[2] = (value >> 16) & 0xFF
+    out[3] = (value >> 24) & 0xFF
+
+
+cdef inline void _put_le64(unsigned char* out, uint64_t value) noexcept nogil:
+    _put_le32(out, <uint32_t>(value & 0xFFFFFFFFU))
+    _put_le32(out + 4, <uint32_t>(value >> 32))
+
+
+def encode_wal_entries(list entries not None, uint64_t first_index, uint8_t record_type) -> bytes:
+    """The write-ahead log records of ``entries`` ((index, term, payload) tuples, indexes consecutive from
+    ``first_index``), back to back, in ``raft/storage.py``'s format (little-endian): u32 length (1 + 16 +
+    payload), u8 ``record_type``, u64 index, u64 term, payload, u32 CRC-32C of everything before it."""
+    cdef Py_ssize_t count = len(entries), total = 0, i, size, pos = 0
+    cdef object entry
+    cdef bytes payload, out
+    cdef unsigned char* buf
+    cdef uint64_t index
+    for i in range(count):
+        entry = entries[i]
+        if type(entry) is not tuple or len(<tuple>entry) != 3 or type((<tuple>entry)[2]) is not bytes:
+            raise TypeError(f"entry {i} is not an (index, term, payload bytes) tuple: {entry!r:.80}")
+        index = (<tuple>entry)[0]
+        if index != first_index + <uint64_t>i:
+            raise ValueError(f"entries are not consecutive: {index} follows {first_index + <uint64_t>i - 1}")
+        total += 4 + 1 + 16 + PyBytes_GET_SIZE((<tuple>entry)[2]) + 4
+    out = PyBytes_FromStringAndSize(NULL, total)
+    buf = <unsigned char*>PyBytes_AS_STRING(out)
+    for i in range(count):
+        entry = entries[i]
+        payload = (<tuple>entry)[2]
+        size = PyBytes_GET_SIZE(payload)
+        _put_le32(buf + pos, <uint32_t>(1 + 16 + size))
+        buf[pos + 4] = record_type
+        _put_le64(buf + pos + 5, first_index + <uint64_t>i)
+        _put_le64(buf + pos + 13, <uint64_t>(<tuple>entry)[1])
+        if size:
+            memcpy(buf + pos + 21, PyBytes_AS_STRING(payload), size)
+        _put_le32(buf + pos + 21 + size, spina_crc32c(0, buf + pos, <size_t>(21 + size)))
+        pos += 4 + 1 + 16 + size + 4
+    return out
 
 
 cdef class RaftLog:

@@ -51,8 +51,8 @@ def add_agent_flags(agent: argparse.ArgumentParser) -> None:
         "members from its own data (--peers and --join are then only used if it has none).")
     group.add_argument("--join", default=None, metavar="HOST:PORT",
                        help="HTTP address of a running member to join through (instead of --peers)")
-    group.add_argument("--snapshot-entries", type=_positive, default=10_000, metavar="N",
-                       help="snapshot the state and compact the log every N applied entries (default 10000)")
+    group.add_argument("--snapshot-entries", type=_positive, default=100_000, metavar="N",
+                       help="snapshot the state and compact the log every N applied entries (default 100000, as etcd)")
     group.add_argument("--snapshot-bytes", type=_size, default=64 << 20, metavar="SIZE",
                        help="... or every SIZE bytes of applied commands, e.g. 64m (default 64m)")
     group.add_argument("--snapshot-catch-up", type=int, default=1_000, metavar="N",

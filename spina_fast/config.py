@@ -91,7 +91,7 @@ class AgentConfig:
     fsync: bool = True
     # Raft snapshots: taken once this many entries or payload bytes were applied since the last one; the log
     # keeps snapshot_catch_up_entries behind it so a slightly lagging follower needs no snapshot.
-    snapshot_entries: int = 10_000
+    snapshot_entries: int = 100_000
     snapshot_bytes: int = 64 << 20
     snapshot_catch_up_entries: int = 1_000
     # HTTP address of a running member: a node with an empty data dir asks it to be added as a learner.

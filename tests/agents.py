@@ -199,8 +199,13 @@ def consistent_get(agent: AgentProcess, key: str) -> bytes | None:
 def call_json(agent: AgentProcess, method: str, path: str, body: object = None,
               timeout: float = 30) -> tuple[int, dict[str, str], Any]:
     """A request with a JSON (or raw bytes) body; the answer as (status, headers, decoded JSON or None)."""
+    return request_json(method, agent.base_url + path, body, timeout)
+
+
+def request_json(method: str, url: str, body: object = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+    """``call_json`` for any URL (Prometheus's API, a peer...)."""
     data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(agent.base_url + path, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = response.read()

@@ -23,7 +23,7 @@ import consul
 import pytest
 
 from spina_fast.client.config import ConfigWatcher
-from tests.agents import AgentProcess, Cluster, make_cluster, start_agent
+from tests.agents import AgentProcess, Cluster, make_cluster
 from tests.test_cluster import leader_of, wait_until
 
 CONFIG = "/v1/spina/config"
@@ -71,13 +71,6 @@ def error_of(agent: AgentProcess, method: str, path: str, body: bytes | None = N
     status, _, payload = http(agent, method, path, body, headers)
     document = json.loads(payload)
     return status, document["code"], document["error"]
-
-
-@pytest.fixture(scope="module")
-def agent() -> Iterator[AgentProcess]:
-    process = start_agent("--dev")
-    yield process
-    process.kill()
 
 
 @pytest.fixture

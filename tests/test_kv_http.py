@@ -11,14 +11,7 @@ import urllib.request
 import consul
 import pytest
 
-from tests.agents import AgentProcess, start_agent
-
-
-@pytest.fixture(scope="module")
-def agent() -> AgentProcess:
-    process = start_agent("--dev")
-    yield process
-    process.kill()
+from tests.agents import AgentProcess
 
 
 @pytest.fixture

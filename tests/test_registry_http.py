@@ -17,17 +17,9 @@ from tests.agents import (
     call_json,
     consul_client,
     leader_of,
-    start_agent,
     started_cluster,
     wait_until,
 )
-
-
-@pytest.fixture(scope="module")
-def agent() -> Iterator[AgentProcess]:
-    process = start_agent("--dev")
-    yield process
-    process.kill()
 
 
 @pytest.fixture

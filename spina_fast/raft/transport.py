@@ -205,11 +205,18 @@ class RaftTransport:
 
     def send(self, peer: str, frame: bytes) -> bool:
         """Queue one encoded frame for ``peer``; False if it was dropped."""
+        return self.send_batch(peer, [frame])
+
+    def send_batch(self, peer: str, frames: list[bytes]) -> bool:
+        """Queue encoded frames for ``peer`` in one write (writev); False if they were dropped."""
         transport = self._outbound.get(peer)
         if transport is None or transport.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
-            self.dropped += 1
+            self.dropped += len(frames)
             return False
-        transport.write(frame)
+        if len(frames) == 1:
+            transport.write(frames[0])
+        else:
+            transport.writelines(frames)
         return True
 
     def is_connected(self, peer: str) -> bool:

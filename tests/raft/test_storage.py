@@ -580,6 +580,8 @@ class GatedFsync:
             real(fd)
 
         monkeypatch.setattr(storage_module, "_fdatasync", fdatasync)
+        # The gate blocks the thread that fsyncs: keep every fsync in the worker thread, as a slow disk does.
+        monkeypatch.setattr(storage_module, "INLINE_FSYNC_SECONDS", 0.0)
 
     async def wait_started(self) -> None:
         assert await asyncio.to_thread(self.started.acquire, True, 10), "no fsync started"

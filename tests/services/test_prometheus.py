@@ -39,6 +39,7 @@ from spina_fast.prometheus_cli import build_config, render_config
 from spina_fast.registry import RegistryStore
 from spina_fast.testing import free_ports
 from tests.agents import AgentProcess, start_agent, wait_until
+from tests.agents import request_json as http
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GO_SOURCES = REPO_ROOT / "tests" / "go" / "consulcheck"
@@ -48,18 +49,6 @@ DEADLINE = 90.0  # seconds; a normal target is first scraped up to 15 s after di
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-
-def http(method: str, url: str, body: object = None, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = response.read()
-            return response.status, dict(response.headers), json.loads(payload) if payload else None
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        return exc.code, dict(exc.headers), json.loads(payload) if payload else None
-
 
 def register(agent: AgentProcess, document: dict[str, Any]) -> None:
     status, _, body = http("PUT", f"{agent.base_url}/v1/agent/service/register", document)

@@ -1,0 +1,84 @@
+"""Snapshots taken by a forked child (the default where the OS can fork) or on the event loop: same files."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spina_fast.config import HostPort
+from spina_fast.kv.store import encode_put
+from spina_fast.raft import node as node_module
+from spina_fast.raft.node import RaftNode
+from spina_fast.state import MODULE_KV, ReplicatedState
+
+
+async def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def start_single_node(data_dir: Path, state: ReplicatedState) -> RaftNode:
+    node = RaftNode("solo", HostPort("127.0.0.1", 0), {}, data_dir, state, tick_seconds=0.01,
+                    snapshot_entries=20, catch_up_entries=5)
+    await node.start()
+    await wait_until(lambda: node.is_leader, 20, "the single node to lead")
+    return node
+
+
+@pytest.mark.parametrize("in_child", [True, False], ids=["forked-child", "event-loop"])
+async def test_a_snapshot_holds_the_state_at_its_index_and_a_restart_loads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_child: bool
+) -> None:
+    if in_child and not node_module.SNAPSHOT_IN_CHILD:
+        pytest.skip("this OS cannot fork")
+    monkeypatch.setattr(node_module, "SNAPSHOT_IN_CHILD", in_child)
+    node = await start_single_node(tmp_path, ReplicatedState())
+    try:
+        for index in range(100):
+            await node.propose(MODULE_KV + encode_put(f"k/{index}", f"value-{index}".encode()))
+        await wait_until(lambda: node.snapshot_index >= 80, 30, "a snapshot at or past index 80")
+        # The newest two are kept (one may be mid-publish right now: wait for its prune).
+        await wait_until(lambda: 1 <= len(list((tmp_path / "raft").glob("snap-*.snap"))) <= 2, 10,
+                         "old snapshots to be pruned")
+        hash_before = node.state_machine.state_hash()  # type: ignore[attr-defined]
+        applied_before = node.applied_index
+    finally:
+        await node.stop()
+    restarted = await start_single_node(tmp_path, ReplicatedState())
+    try:
+        assert restarted.snapshot_index >= 80
+        await wait_until(lambda: restarted.applied_index >= applied_before, 20, "the WAL replay after the snapshot")
+        assert restarted.state_machine.state_hash() == hash_before  # type: ignore[attr-defined]
+    finally:
+        await restarted.stop()
+
+
+class BrokenSnapshots(ReplicatedState):
+    """Serves writes but cannot serialize itself."""
+
+    def snapshot(self) -> bytes:
+        raise RuntimeError("cannot serialize")
+
+
+async def test_a_failing_snapshot_child_leaves_no_file_and_the_node_keeps_serving(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if not node_module.SNAPSHOT_IN_CHILD:
+        pytest.skip("this OS cannot fork")
+    node = await start_single_node(tmp_path, BrokenSnapshots())
+    try:
+        for index in range(60):
+            await node.propose(MODULE_KV + encode_put(f"k/{index}", b"v"))
+        await wait_until(lambda: "cannot serialize" in capfd.readouterr().err, 30, "the child's report")
+        assert await node.propose(MODULE_KV + encode_put("after", b"v")) is True
+        assert node.snapshot_index == 0
+        assert not list((tmp_path / "raft").glob("snap-*")) and not list((tmp_path / "raft").glob("*.snap.tmp"))
+    finally:
+        await node.stop()
