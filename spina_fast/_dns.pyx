@@ -309,7 +309,7 @@ cdef list _labels(bytes wire):
 
 cdef inline Py_ssize_t _rr_head(unsigned char* out, Py_ssize_t position, Py_ssize_t owner, uint16_t rtype,
                                 uint32_t ttl) noexcept:
-    """Owner as a compression pointer, type, class IN, TTL, RDLENGTH placeholder; returns the RDATA offset."""
+    """Owner as a compression pointer, type, class IN, TTL and an RDLENGTH filled in later; returns the RDATA offset."""
     _put16(out + position, 0xC000 | owner)
     _put16(out + position + 2, rtype)
     _put16(out + position + 4, 1)
