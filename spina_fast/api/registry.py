@@ -337,9 +337,9 @@ async def block(agent: Agent, query: Query, service: str) -> None:
         await watches.wait(service, remaining)
 
 
-def _headers(agent: Agent, service: str) -> dict[str, str]:
+def _headers(agent: Agent, index: int) -> dict[str, str]:
     headers = read_headers(agent.node)
-    headers["X-Consul-Index"] = str(_index_of(agent, service))
+    headers["X-Consul-Index"] = str(index)
     return headers
 
 
@@ -440,7 +440,7 @@ def read(agent: Agent, kind: int, name: str, raw_query: str, query: Query | None
     if kind == NATIVE:
         # Not cached: answers carry (and may be ordered by) the leader-local load, which has no index.
         native = _native_body(agent, name, query if query is not None else _parsed(raw_query))
-        return Reply(200, native, JSON, _headers(agent, name))
+        return Reply(200, native, JSON, _headers(agent, _index_of(agent, name)))
     if kind in (CATALOG_SERVICES, AGENT_SERVICES):
         name = CATALOG
     index = _index_of(agent, name)
@@ -457,9 +457,7 @@ def read(agent: Agent, kind: int, name: str, raw_query: str, query: Query | None
         else:
             body = _agent_services_body(agent)
         agent.responses.put(key, index, body)
-    headers = read_headers(agent.node)
-    headers["X-Consul-Index"] = str(index)
-    return Reply(200, body, JSON, headers)
+    return Reply(200, body, JSON, _headers(agent, index))
 
 
 def answers_at_once(raw_query: str) -> bool:
