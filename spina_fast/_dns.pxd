@@ -113,7 +113,75 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_TRUNC
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+
+
+cdef struct CachedAnswer:
+    # One answer the serving thread may give without the GIL: the response messages (one per rotation offset)
+    # for one native key, and what it depends on (checked against NativeUDP's generations on every hit).
+    unsigned char* key
+    Py_ssize_t key_length
+    uint64_t hash
+    int depends                    # DEPENDS_NOTHING / DEPENDS_SERVICE / DEPENDS_REGISTRY
+    Py_ssize_t slot                # the service's generation slot (DEPENDS_SERVICE)
+    uint64_t generation
+    int rcode
+    bint truncated
+    Py_ssize_t size                # key and answer bytes
+    Py_ssize_t variant_count
+    Py_ssize_t next_variant
+    unsigned char** variants
+    Py_ssize_t* variant_lengths
+
+
+cdef struct PendingQuery:
+    # A datagram the serving thread could not answer, waiting for the event loop.
+    unsigned char* data
+    Py_ssize_t length
+    sockaddr_storage peer
+    socklen_t peer_length
+
+
+cdef struct NativeUDP:
+    # Everything the serving thread touches: no Python object, so that it never needs the GIL. ``lock`` guards
+    # the table, the generations, the pending ring and the counters; the buffers are the thread's own.
+    pthread_mutex_t lock
+    int fd
+    int stop_fd
+    int pending_fd
+    unsigned int batch
+    Py_ssize_t reply_size
+    uint16_t max_udp_payload
+    CachedAnswer** table
+    Py_ssize_t capacity
+    Py_ssize_t count
+    Py_ssize_t max_entries
+    Py_ssize_t bytes_held          # answer and key bytes in the table, bounded by NATIVE_MAX_BYTES
+    uint64_t* service_generations
+    uint64_t registry_generation
+    PendingQuery* pending
+    Py_ssize_t pending_head
+    Py_ssize_t pending_count
+    uint64_t rcodes[RCODE_SLOTS]
+    uint64_t hits
+    uint64_t truncated
+    uint64_t dropped
+    uint64_t overflow
+    uint64_t send_failures
+    mmsghdr* received
+    mmsghdr* replies
+    iovec* received_iov
+    iovec* reply_iov
+    sockaddr_storage* peers
+    unsigned char* buffers
+    unsigned char* reply_buffers
+
+
 cdef class DNSEngine:
+    cdef NativeUDP* _native        # set while a UDPThread serves this engine: its cache is filled and invalidated
     cdef object _registry
     cdef object _service_index
     cdef object _instances
@@ -135,6 +203,7 @@ cdef class DNSEngine:
     cdef uint64_t _cache_misses
     cdef uint64_t _udp_queries
     cdef uint64_t _tcp_queries
+    cdef uint64_t _overflow
 
     cpdef object answer(self, object query, bint tcp)
     cdef bint _is_valid(self, _Entry entry) except -1
@@ -146,6 +215,8 @@ cdef class DNSEngine:
     cdef object _fold(self, str lower)
     cdef bytes _encode(self, _Plan plan, Py_ssize_t offset, Py_ssize_t limit)
     cdef bytes _select(self, _Entry entry, Py_ssize_t limit)
+    cdef bytes _variant(self, _Entry entry, Py_ssize_t offset, Py_ssize_t limit)
+    cdef int _fill_native(self, ParsedQuery* parsed, _Entry entry, Py_ssize_t limit) except -1
     cdef bytes _error(self, const unsigned char* data, Py_ssize_t size, ParsedQuery* parsed, int status)
 
 
@@ -162,3 +233,15 @@ cdef class UDPResponder:
     cdef object _on_error
     cdef readonly uint64_t send_failures
     cdef readonly uint64_t errors
+
+
+cdef class UDPThread:
+    cdef DNSEngine _engine
+    cdef NativeUDP* _native
+    cdef pthread_t _thread
+    cdef bint _running
+    cdef long _owner_pid
+    cdef object _on_error
+    cdef readonly uint64_t errors
+
+    cdef void _stop(self)

@@ -16,6 +16,9 @@ the lowercased question (name, type, class) and the query's EDNS form, and each 
 registry indexes it was built from: a service whose ``service_index`` moved is rebuilt before it is served,
 so an answer is never older than the registry. Per request only the id, the RD / CD bits and the question's
 letter case (RFC 4343 §4.1: the question is echoed as asked) are patched into a copy of the cached bytes.
+
+``UDPThread`` serves those cached answers over UDP from a native thread without the GIL (see "the serving
+thread" below); its copy of the cache is invalidated by push (``DNSEngine.registry_changed``).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -24,7 +27,10 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy, memset, strerror
+from posix.signal cimport sigfillset, sigset_t
+from posix.unistd cimport close, getpid, read, write
 
 import re
 
@@ -110,20 +116,20 @@ cdef class Query:
 
 # --- parsing ---------------------------------------------------------------------------------------------------
 
-cdef inline uint16_t _u16(const unsigned char* p) noexcept:
+cdef inline uint16_t _u16(const unsigned char* p) noexcept nogil:
     return (p[0] << 8) | p[1]
 
 
-cdef inline uint32_t _u32(const unsigned char* p) noexcept:
+cdef inline uint32_t _u32(const unsigned char* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
-cdef inline void _put16(unsigned char* p, uint32_t value) noexcept:
+cdef inline void _put16(unsigned char* p, uint32_t value) noexcept nogil:
     p[0] = (value >> 8) & 0xFF
     p[1] = value & 0xFF
 
 
-cdef inline void _put32(unsigned char* p, uint32_t value) noexcept:
+cdef inline void _put32(unsigned char* p, uint32_t value) noexcept nogil:
     p[0] = value >> 24
     p[1] = (value >> 16) & 0xFF
     p[2] = (value >> 8) & 0xFF
@@ -131,7 +137,7 @@ cdef inline void _put32(unsigned char* p, uint32_t value) noexcept:
 
 
 cdef Py_ssize_t _read_name(const unsigned char* data, Py_ssize_t size, Py_ssize_t offset, unsigned char* out,
-                           Py_ssize_t* out_length, Py_ssize_t* labels) noexcept:
+                           Py_ssize_t* out_length, Py_ssize_t* labels) noexcept nogil:
     """Read the (possibly compressed) name at ``offset``: the offset just past it in the message, or -1 when
     it is malformed. With ``out`` set, the name is written there uncompressed and ASCII-lowercased."""
     cdef Py_ssize_t position = offset, run_start = offset, end = -1, written = 0, target, i
@@ -176,7 +182,7 @@ cdef Py_ssize_t _read_name(const unsigned char* data, Py_ssize_t size, Py_ssize_
     return end
 
 
-cdef ParseStatus _parse(const unsigned char* data, Py_ssize_t size, ParsedQuery* parsed) noexcept:
+cdef ParseStatus _parse(const unsigned char* data, Py_ssize_t size, ParsedQuery* parsed) noexcept nogil:
     cdef Py_ssize_t position, owner_length, owner_labels, rdata_end, record
     cdef uint16_t questions, answers, authorities, additionals, rtype, rdlength, option_length
     cdef uint32_t ttl
@@ -520,12 +526,11 @@ cdef class DNSEngine:
                 # Names are chosen by clients: bound the cache. Dropping it whole costs one rebuild per hot name.
                 self._cache.clear()
             self._cache[key] = entry
-        cdef Py_ssize_t limit = MAX_MESSAGE
-        if not tcp:
-            limit = UDP_PLAIN_LIMIT
-            if parsed.edns and parsed.udp_payload > UDP_PLAIN_LIMIT:
-                limit = min(<Py_ssize_t>parsed.udp_payload, self.max_udp_payload)
+        cdef Py_ssize_t limit = MAX_MESSAGE if tcp else _udp_limit(&parsed, self.max_udp_payload)
         cdef bytes cached = self._select(entry, limit)
+        if self._native is not NULL and not tcp:
+            # Asked by the serving thread (a miss there): from now on it answers this question itself.
+            self._fill_native(&parsed, entry, limit)
         cdef Py_ssize_t length = PyBytes_GET_SIZE(cached)
         cdef bytes response = PyBytes_FromStringAndSize(PyBytes_AS_STRING(cached), length)
         cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(response)
@@ -551,12 +556,17 @@ cdef class DNSEngine:
 
     cdef bytes _select(self, _Entry entry, Py_ssize_t limit):
         cdef Py_ssize_t offset = 0
+        if entry.variants is not None:
+            offset = entry.next_offset
+            entry.next_offset = (offset + 1) % len(entry.variants)
+        return self._variant(entry, offset, limit)
+
+    cdef bytes _variant(self, _Entry entry, Py_ssize_t offset, Py_ssize_t limit):
+        """The answer of ``entry`` rotated by ``offset`` and cut to ``limit`` bytes, encoded on first use."""
         cdef bytes chosen
         if entry.variants is None:
             chosen = entry.full
         else:
-            offset = entry.next_offset
-            entry.next_offset = (offset + 1) % len(entry.variants)
             chosen = entry.variants[offset]
             if chosen is None:
                 chosen = self._encode(entry.plan, offset, MAX_MESSAGE)
@@ -862,11 +872,77 @@ cdef class DNSEngine:
 
     def stats(self) -> dict:
         """Answers by rcode name, plus dropped messages, truncated answers, cache hits / misses and the
-        messages received over each transport."""
-        counts = {name: self._rcodes[code] for code, name in RCODE_NAMES.items()}
-        counts.update(dropped=self._dropped, truncated=self._truncated, cache_hits=self._cache_hits,
-                      cache_misses=self._cache_misses, udp_queries=self._udp_queries, tcp_queries=self._tcp_queries)
+        messages received over each transport (the serving thread's answers included)."""
+        cdef uint64_t rcodes[RCODE_SLOTS]
+        cdef uint64_t hits = 0, truncated = 0, dropped = 0, overflow = 0
+        memset(rcodes, 0, sizeof(rcodes))
+        cdef NativeUDP* native = self._native
+        if native is not NULL:
+            pthread_mutex_lock(&native.lock)
+            memcpy(rcodes, native.rcodes, sizeof(rcodes))
+            hits, truncated, dropped, overflow = native.hits, native.truncated, native.dropped, native.overflow
+            pthread_mutex_unlock(&native.lock)
+        counts = {name: self._rcodes[code] + rcodes[code] for code, name in RCODE_NAMES.items()}
+        counts.update(dropped=self._dropped + dropped + overflow, truncated=self._truncated + truncated,
+                      cache_hits=self._cache_hits + hits, cache_misses=self._cache_misses,
+                      udp_queries=self._udp_queries + hits + dropped + overflow, tcp_queries=self._tcp_queries,
+                      udp_overflow=self._overflow + overflow)
         return counts
+
+    def registry_changed(self, services) -> None:
+        """Told synchronously after every applied registry change, with the names of the services it touched:
+        the serving thread's answers that depend on them (and every answer that depends on the registry as a
+        whole: unknown names, names matched by letter case) stop being served before this returns. Answers on
+        the event loop need no telling: they are checked against the registry's indexes on each use."""
+        cdef NativeUDP* native = self._native
+        if native is NULL:
+            return
+        cdef list slots = [_service_slot(service) for service in services]
+        cdef Py_ssize_t slot
+        pthread_mutex_lock(&native.lock)
+        for slot in slots:
+            native.service_generations[slot] += 1
+        native.registry_generation += 1
+        pthread_mutex_unlock(&native.lock)
+
+    cdef int _fill_native(self, ParsedQuery* parsed, _Entry entry, Py_ssize_t limit) except -1:
+        """Give the serving thread this answer (every rotation of it) for the question and size class of
+        ``parsed``. Answers too large for its reply slots or with too many rotations stay on the loop."""
+        cdef NativeUDP* native = self._native
+        cdef Py_ssize_t count = 1 if entry.variants is None else len(entry.variants), offset
+        if count > NATIVE_MAX_VARIANTS:
+            return 0
+        cdef list messages = []
+        cdef bytes message
+        for offset in range(count):
+            message = self._variant(entry, offset, limit)
+            if PyBytes_GET_SIZE(message) > native.reply_size:
+                return 0
+            messages.append(message)
+        cdef unsigned char key[NATIVE_KEY_MAX]
+        cdef Py_ssize_t key_length = _native_key(parsed, limit, key)
+        cdef CachedAnswer* answer = _new_answer(key, key_length, messages)
+        if answer is NULL:
+            raise MemoryError()
+        answer.rcode = entry.rcode
+        answer.next_variant = entry.next_offset if entry.variants is not None else 0
+        if entry.validation == VALID_ALWAYS:
+            answer.depends = DEPENDS_NOTHING
+        elif entry.validation == VALID_SERVICE:
+            answer.depends = DEPENDS_SERVICE
+            answer.slot = _service_slot(entry.service)
+        else:
+            answer.depends = DEPENDS_REGISTRY
+        pthread_mutex_lock(&native.lock)
+        # The entry was checked against the registry just now, on the thread that applies changes: it is as
+        # current as the generations read here.
+        if answer.depends == DEPENDS_SERVICE:
+            answer.generation = native.service_generations[answer.slot]
+        else:
+            answer.generation = native.registry_generation
+        _table_store(native, answer)
+        pthread_mutex_unlock(&native.lock)
+        return 0
 
     @property
     def cached_answers(self) -> int:
@@ -875,6 +951,11 @@ cdef class DNSEngine:
     def clear_cache(self) -> None:
         self._cache.clear()
         self._folded_valid = False
+        cdef NativeUDP* native = self._native
+        if native is not NULL:
+            pthread_mutex_lock(&native.lock)
+            _table_clear(native)
+            pthread_mutex_unlock(&native.lock)
 
 
 # --- batched UDP I/O -------------------------------------------------------------------------------------------
@@ -887,6 +968,22 @@ cdef enum:
 
 UDP_QUERY_SLOT = QUERY_SLOT
 MAX_DRAIN = DRAIN_LIMIT
+
+
+cdef void _link_batch(mmsghdr* received, mmsghdr* replies, iovec* received_iov, iovec* reply_iov,
+                      sockaddr_storage* peers, unsigned char* buffers, unsigned int batch) noexcept nogil:
+    """Point each of ``batch`` receive headers at its query buffer and peer address, each reply at its iovec."""
+    cdef unsigned int slot
+    memset(received, 0, batch * sizeof(mmsghdr))
+    memset(replies, 0, batch * sizeof(mmsghdr))
+    for slot in range(batch):
+        received_iov[slot].iov_base = buffers + slot * QUERY_SLOT
+        received_iov[slot].iov_len = QUERY_SLOT
+        received[slot].msg_hdr.msg_iov = &received_iov[slot]
+        received[slot].msg_hdr.msg_iovlen = 1
+        received[slot].msg_hdr.msg_name = &peers[slot]
+        replies[slot].msg_hdr.msg_iov = &reply_iov[slot]
+        replies[slot].msg_hdr.msg_iovlen = 1
 
 
 cdef class UDPResponder:
@@ -911,17 +1008,8 @@ cdef class UDPResponder:
         if (self._received is NULL or self._replies is NULL or self._received_iov is NULL
                 or self._reply_iov is NULL or self._peers is NULL or self._buffers is NULL):
             raise MemoryError()
-        memset(self._received, 0, batch * sizeof(mmsghdr))
-        memset(self._replies, 0, batch * sizeof(mmsghdr))
-        cdef unsigned int slot
-        for slot in range(batch):
-            self._received_iov[slot].iov_base = self._buffers + slot * QUERY_SLOT
-            self._received_iov[slot].iov_len = QUERY_SLOT
-            self._received[slot].msg_hdr.msg_iov = &self._received_iov[slot]
-            self._received[slot].msg_hdr.msg_iovlen = 1
-            self._received[slot].msg_hdr.msg_name = &self._peers[slot]
-            self._replies[slot].msg_hdr.msg_iov = &self._reply_iov[slot]
-            self._replies[slot].msg_hdr.msg_iovlen = 1
+        _link_batch(self._received, self._replies, self._received_iov, self._reply_iov, self._peers, self._buffers,
+                    batch)
 
     def __dealloc__(self):
         PyMem_Free(self._received)
@@ -987,3 +1075,519 @@ cdef class UDPResponder:
             if <unsigned int>received < batch:
                 break
         return total
+
+
+# --- the serving thread ----------------------------------------------------------------------------------------
+#
+# Cache hits are answered by a thread that never holds the GIL, the way a C DNS server would, so that a busy
+# event loop (Raft ticks, HTTP, lease sweeps, a collection) cannot delay them. It waits in poll() on the socket
+# and on a stop eventfd, reads a batch with recvmmsg, parses each query in C, looks its question up in a C table
+# of whole answers (under a mutex held for the lookup and one memcpy) and answers the batch with one sendmmsg.
+# Anything else (a question not in the table, a malformed message) goes to the event loop through a ring and an
+# eventfd, where DNSEngine.answer answers it as before and puts its answer in the table. Misses stay on the loop
+# rather than taking the GIL in the thread: the engine and the registry are then only ever used from the thread
+# that applies registry changes, so no answer can be built from a registry half-way through an apply, and a
+# miss costs the loop no more than it did before. The table is invalidated by push: the state machine calls
+# DNSEngine.registry_changed after every apply, which bumps the generations the table's answers were stored under.
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_create(pthread_t* thread, const void* attributes, void* (*start)(void*) noexcept nogil,
+                       void* argument)
+    int pthread_join(pthread_t thread, void** result)
+    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+
+
+cdef extern from "<signal.h>" nogil:
+    int pthread_sigmask(int how, const sigset_t* mask, sigset_t* old)
+    int SIG_BLOCK
+    int SIG_SETMASK
+
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long count, int timeout)
+    short POLLIN
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initial, int flags)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct sockaddr:
+        unsigned short sa_family
+    ssize_t sendto(int fd, const void* data, size_t length, int flags, const sockaddr* address,
+                   socklen_t address_length)
+
+
+cdef enum:
+    PLAIN_LIMIT = 512
+    NATIVE_KEY_MAX = MAX_NAME_WIRE + 1 + 7   # the question name, type, class, EDNS form and size class
+    SERVICE_SLOTS = 16384          # generations per service hash; two services sharing one only cost misses
+    PENDING_SLOTS = 1024           # misses waiting for the loop; beyond this a burst of them is dropped
+    NATIVE_MAX_VARIANTS = 1024     # rotations kept per answer; an answer with more stays on the loop
+    NATIVE_MAX_BYTES = 64 << 20    # answer bytes the table holds at most (names and rotations are clients' choice)
+    BATCHES_PER_WAKE = 16          # batches read before poll() looks at the stop eventfd again
+    DEPENDS_NOTHING = 0
+    DEPENDS_SERVICE = 1
+    DEPENDS_REGISTRY = 2
+    ANSWERED = 1
+    QUEUED = 0
+    DROPPED = -1
+
+
+cdef inline Py_ssize_t _udp_limit(ParsedQuery* parsed, Py_ssize_t max_udp_payload) noexcept nogil:
+    # Without EDNS0, 512 bytes (RFC 1035 §4.2.1); with it, the smaller of the client's buffer and ours.
+    if parsed.edns and parsed.udp_payload > PLAIN_LIMIT:
+        return parsed.udp_payload if parsed.udp_payload < max_udp_payload else max_udp_payload
+    return PLAIN_LIMIT
+
+
+cdef inline Py_ssize_t _native_key(ParsedQuery* parsed, Py_ssize_t limit, unsigned char* out) noexcept nogil:
+    """Everything an answer depends on besides the id, RD / CD and the question's letter case."""
+    cdef Py_ssize_t length = parsed.qname_length
+    memcpy(out, parsed.qname, length)
+    _put16(out + length, parsed.qtype)
+    _put16(out + length + 2, parsed.qclass)
+    out[length + 4] = (2 if parsed.dnssec_ok else 1) if parsed.edns else 0
+    _put16(out + length + 5, <uint32_t>limit)
+    return length + 7
+
+
+cdef inline uint64_t _hash_key(const unsigned char* key, Py_ssize_t length) noexcept nogil:
+    cdef uint64_t value = 0xcbf29ce484222325ULL  # FNV-1a
+    cdef Py_ssize_t index
+    for index in range(length):
+        value = (value ^ key[index]) * 0x100000001b3ULL
+    return value
+
+
+cdef inline Py_ssize_t _service_slot(str service):
+    return hash(service) & (SERVICE_SLOTS - 1)
+
+
+cdef CachedAnswer* _new_answer(const unsigned char* key, Py_ssize_t key_length, list messages):
+    cdef Py_ssize_t count = len(messages), index, length
+    cdef CachedAnswer* answer = <CachedAnswer*>calloc(1, sizeof(CachedAnswer))
+    if answer is NULL:
+        return NULL
+    answer.key = <unsigned char*>malloc(key_length)
+    answer.variants = <unsigned char**>calloc(count, sizeof(unsigned char*))
+    answer.variant_lengths = <Py_ssize_t*>calloc(count, sizeof(Py_ssize_t))
+    if answer.key is NULL or answer.variants is NULL or answer.variant_lengths is NULL:
+        _free_answer(answer)
+        return NULL
+    memcpy(answer.key, key, key_length)
+    answer.key_length = key_length
+    answer.hash = _hash_key(key, key_length)
+    answer.variant_count = count
+    for index in range(count):
+        length = PyBytes_GET_SIZE(messages[index])
+        answer.variants[index] = <unsigned char*>malloc(length)
+        if answer.variants[index] is NULL:
+            _free_answer(answer)
+            return NULL
+        memcpy(answer.variants[index], PyBytes_AS_STRING(messages[index]), length)
+        answer.variant_lengths[index] = length
+        answer.size += length
+    answer.size += key_length
+    return answer
+
+
+cdef void _free_answer(CachedAnswer* answer) noexcept nogil:
+    cdef Py_ssize_t index
+    if answer is NULL:
+        return
+    if answer.variants is not NULL:
+        for index in range(answer.variant_count):
+            free(answer.variants[index])
+    free(answer.variants)
+    free(answer.variant_lengths)
+    free(answer.key)
+    free(answer)
+
+
+cdef CachedAnswer** _table_slot(NativeUDP* native, const unsigned char* key, Py_ssize_t length,
+                                uint64_t hash) noexcept nogil:
+    """The slot holding ``key``, or the empty slot where it belongs (linear probing; the table is at least
+    twice as large as the entries it may hold, so an empty slot always ends the probe)."""
+    cdef Py_ssize_t mask = native.capacity - 1
+    cdef Py_ssize_t index = hash & mask
+    cdef CachedAnswer* held
+    while True:
+        held = native.table[index]
+        if held is NULL or (held.hash == hash and held.key_length == length
+                            and memcmp(held.key, key, length) == 0):
+            return &native.table[index]
+        index = (index + 1) & mask
+
+
+cdef void _table_store(NativeUDP* native, CachedAnswer* answer) noexcept nogil:
+    cdef CachedAnswer** slot = _table_slot(native, answer.key, answer.key_length, answer.hash)
+    if slot[0] is not NULL:
+        native.bytes_held -= slot[0].size
+        _free_answer(slot[0])
+        native.count -= 1
+    if native.count >= native.max_entries or native.bytes_held + answer.size > NATIVE_MAX_BYTES:
+        # Names are chosen by clients: bound the table. Emptying it costs one loop trip per hot name.
+        _table_clear(native)
+        slot = _table_slot(native, answer.key, answer.key_length, answer.hash)
+    native.count += 1
+    native.bytes_held += answer.size
+    slot[0] = answer
+
+
+cdef void _table_clear(NativeUDP* native) noexcept nogil:
+    cdef Py_ssize_t index
+    for index in range(native.capacity):
+        if native.table[index] is not NULL:
+            _free_answer(native.table[index])
+            native.table[index] = NULL
+    native.count = 0
+    native.bytes_held = 0
+
+
+cdef inline bint _is_current(NativeUDP* native, CachedAnswer* answer) noexcept nogil:
+    if answer.depends == DEPENDS_SERVICE:
+        return native.service_generations[answer.slot] == answer.generation
+    if answer.depends == DEPENDS_REGISTRY:
+        return native.registry_generation == answer.generation
+    return True
+
+
+cdef int _answer_datagram(NativeUDP* native, unsigned int slot, unsigned char* out,
+                          Py_ssize_t* out_length) noexcept nogil:
+    """Answer datagram ``slot`` from the table into ``out`` (ANSWERED), queue it for the loop (QUEUED), or
+    drop it (DROPPED: cut short by the socket, a response, or no room left in the queue)."""
+    cdef const unsigned char* data = native.buffers + slot * QUERY_SLOT
+    cdef Py_ssize_t size = native.received[slot].msg_len
+    cdef ParsedQuery parsed
+    cdef ParseStatus status
+    cdef unsigned char key[NATIVE_KEY_MAX]
+    cdef Py_ssize_t key_length, variant, length
+    cdef uint64_t hash
+    cdef CachedAnswer* answer
+    cdef PendingQuery* pending
+    cdef unsigned char* copy
+    if native.received[slot].msg_hdr.msg_flags & MSG_TRUNC:
+        status = PARSE_DROP
+    else:
+        status = _parse(data, size, &parsed)
+    if status == PARSE_DROP:
+        pthread_mutex_lock(&native.lock)
+        native.dropped += 1
+        pthread_mutex_unlock(&native.lock)
+        return DROPPED
+    if status == PARSE_OK:
+        key_length = _native_key(&parsed, _udp_limit(&parsed, native.max_udp_payload), key)
+        hash = _hash_key(key, key_length)
+        pthread_mutex_lock(&native.lock)
+        answer = _table_slot(native, key, key_length, hash)[0]
+        if answer is not NULL and _is_current(native, answer):
+            variant = answer.next_variant
+            if answer.variant_count > 1:
+                answer.next_variant = (variant + 1) % answer.variant_count
+            length = answer.variant_lengths[variant]
+            memcpy(out, answer.variants[variant], length)
+            native.hits += 1
+            native.rcodes[answer.rcode] += 1
+            if out[2] & 0x02:
+                native.truncated += 1
+            pthread_mutex_unlock(&native.lock)
+            out[0] = data[0]
+            out[1] = data[1]
+            out[2] = (out[2] & 0xFE) | (data[2] & 0x01)  # RD is copied (RFC 1035 §4.1.1)
+            out[3] = (out[3] & 0xEF) | (data[3] & 0x10)  # CD is copied (RFC 4035 §3.1.6)
+            memcpy(out + HEADER_BYTES, data + HEADER_BYTES, parsed.qname_length)  # the question as asked
+            out_length[0] = length
+            return ANSWERED
+        pthread_mutex_unlock(&native.lock)
+    copy = <unsigned char*>malloc(size)
+    pthread_mutex_lock(&native.lock)
+    if copy is NULL or native.pending_count >= PENDING_SLOTS:
+        native.overflow += 1
+        pthread_mutex_unlock(&native.lock)
+        free(copy)
+        return DROPPED
+    memcpy(copy, data, size)
+    pending = &native.pending[(native.pending_head + native.pending_count) % PENDING_SLOTS]
+    pending.data = copy
+    pending.length = size
+    pending.peer_length = native.received[slot].msg_hdr.msg_namelen
+    memcpy(&pending.peer, &native.peers[slot], pending.peer_length)
+    native.pending_count += 1
+    pthread_mutex_unlock(&native.lock)
+    return QUEUED
+
+
+cdef void _serve_batches(NativeUDP* native) noexcept nogil:
+    cdef unsigned int batch = native.batch, slot
+    cdef int received, sent, outcome, rounds
+    cdef unsigned int pending, offset
+    cdef Py_ssize_t length
+    cdef bint queued
+    cdef uint64_t one = 1
+    for rounds in range(BATCHES_PER_WAKE):
+        for slot in range(batch):
+            native.received[slot].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            native.received[slot].msg_hdr.msg_flags = 0
+        received = recvmmsg(native.fd, native.received, batch, MSG_DONTWAIT, NULL)
+        if received <= 0:
+            if received < 0 and errno == EINTR:
+                continue
+            return  # EAGAIN: drained; anything else (an ICMP error queued on the socket) is no one's to handle
+        pending = 0
+        queued = False
+        for slot in range(<unsigned int>received):
+            outcome = _answer_datagram(native, slot, native.reply_buffers + pending * native.reply_size, &length)
+            if outcome == ANSWERED:
+                native.reply_iov[pending].iov_base = native.reply_buffers + pending * native.reply_size
+                native.reply_iov[pending].iov_len = length
+                native.replies[pending].msg_hdr.msg_name = &native.peers[slot]
+                native.replies[pending].msg_hdr.msg_namelen = native.received[slot].msg_hdr.msg_namelen
+                pending += 1
+            elif outcome == QUEUED:
+                queued = True
+        if queued:
+            write(native.pending_fd, &one, sizeof(one))
+        offset = 0
+        while offset < pending:
+            sent = sendmmsg(native.fd, native.replies + offset, pending - offset, MSG_DONTWAIT)
+            if sent > 0:
+                offset += sent
+            elif errno == EINTR:
+                continue
+            else:
+                pthread_mutex_lock(&native.lock)
+                if errno == EAGAIN:
+                    # The send buffer is full: UDP may lose answers, the client asks again.
+                    native.send_failures += pending - offset
+                    offset = pending
+                else:
+                    native.send_failures += 1  # this peer's address was refused; the rest still go out
+                    offset += 1
+                pthread_mutex_unlock(&native.lock)
+        if <unsigned int>received < batch:
+            return
+
+
+cdef void* _serve(void* argument) noexcept nogil:
+    cdef NativeUDP* native = <NativeUDP*>argument
+    cdef pollfd waits[2]
+    waits[0].fd = native.fd
+    waits[0].events = POLLIN
+    waits[1].fd = native.stop_fd
+    waits[1].events = POLLIN
+    while True:
+        waits[0].revents = 0
+        waits[1].revents = 0
+        if poll(waits, 2, -1) < 0 and errno != EINTR:
+            return NULL  # EFAULT / EINVAL: not recoverable; UDPThread.alive says so
+        if waits[1].revents:
+            return NULL
+        if waits[0].revents:
+            _serve_batches(native)
+
+
+cdef void _free_native(NativeUDP* native) noexcept nogil:
+    cdef Py_ssize_t index
+    if native is NULL:
+        return
+    if native.table is not NULL:
+        _table_clear(native)
+    if native.pending is not NULL:
+        for index in range(native.pending_count):
+            free(native.pending[(native.pending_head + index) % PENDING_SLOTS].data)
+    if native.stop_fd >= 0:
+        close(native.stop_fd)
+    if native.pending_fd >= 0:
+        close(native.pending_fd)
+    free(native.table)
+    free(native.service_generations)
+    free(native.pending)
+    free(native.received)
+    free(native.replies)
+    free(native.received_iov)
+    free(native.reply_iov)
+    free(native.peers)
+    free(native.buffers)
+    free(native.reply_buffers)
+    pthread_mutex_destroy(&native.lock)
+    free(native)
+
+
+cdef class UDPThread:
+    """Serves UDP queries for ``engine`` on the socket ``fd`` from a native thread that never takes the GIL:
+    cache hits are answered there; everything else is queued for the event loop, which answers it when its
+    reader on ``pending_fd`` calls ``answer_pending`` (and teaches the thread the answer). Whoever applies
+    registry changes must call ``engine.registry_changed(services)`` after each one, or the thread serves
+    answers older than the registry. ``stop()`` wakes and joins the thread; the caller owns the socket and
+    closes it after. ``on_error(exc)`` is told about queries whose answer raised (answered SERVFAIL)."""
+
+    def __cinit__(self, DNSEngine engine not None, int fd, unsigned int batch=64, on_error=None):
+        if not 1 <= batch <= 1024:
+            raise ValueError(f"UDP batch {batch} is outside 1..1024")
+        if engine._native is not NULL:
+            raise RuntimeError("this DNS engine is already served by a UDP thread")
+        self._engine = engine
+        self._on_error = on_error
+        self._owner_pid = getpid()
+        cdef NativeUDP* native = <NativeUDP*>calloc(1, sizeof(NativeUDP))
+        if native is NULL:
+            raise MemoryError()
+        pthread_mutex_init(&native.lock, NULL)
+        native.stop_fd = -1
+        native.pending_fd = -1
+        self._native = native
+        native.fd = fd
+        native.batch = batch
+        native.max_udp_payload = engine.max_udp_payload
+        native.reply_size = engine.max_udp_payload
+        native.max_entries = engine.max_cache_entries
+        native.capacity = 1
+        while native.capacity < 2 * native.max_entries:
+            native.capacity <<= 1
+        native.table = <CachedAnswer**>calloc(native.capacity, sizeof(CachedAnswer*))
+        native.service_generations = <uint64_t*>calloc(SERVICE_SLOTS, sizeof(uint64_t))
+        native.pending = <PendingQuery*>calloc(PENDING_SLOTS, sizeof(PendingQuery))
+        native.received = <mmsghdr*>calloc(batch, sizeof(mmsghdr))
+        native.replies = <mmsghdr*>calloc(batch, sizeof(mmsghdr))
+        native.received_iov = <iovec*>calloc(batch, sizeof(iovec))
+        native.reply_iov = <iovec*>calloc(batch, sizeof(iovec))
+        native.peers = <sockaddr_storage*>calloc(batch, sizeof(sockaddr_storage))
+        native.buffers = <unsigned char*>malloc(batch * QUERY_SLOT)
+        native.reply_buffers = <unsigned char*>malloc(batch * native.reply_size)
+        if (native.table is NULL or native.service_generations is NULL or native.pending is NULL
+                or native.received is NULL or native.replies is NULL or native.received_iov is NULL
+                or native.reply_iov is NULL or native.peers is NULL or native.buffers is NULL
+                or native.reply_buffers is NULL):
+            raise MemoryError()
+        native.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        native.pending_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if native.stop_fd < 0 or native.pending_fd < 0:
+            raise OSError(errno, f"DNS could not create the UDP thread's eventfds: {strerror(errno).decode()}")
+        _link_batch(native.received, native.replies, native.received_iov, native.reply_iov, native.peers,
+                    native.buffers, batch)
+
+    def __dealloc__(self):
+        if getpid() != self._owner_pid:
+            # A forked child (a snapshot writer) has no serving thread, and the mutex may have been held at
+            # the fork: it leaves all of this alone.
+            return
+        self._stop()
+        _free_native(self._native)
+        self._native = NULL
+
+    @property
+    def pending_fd(self) -> int:
+        """Readable when misses wait for ``answer_pending`` (register it with the loop's ``add_reader``)."""
+        return self._native.pending_fd
+
+    @property
+    def alive(self) -> bool:
+        return self._running
+
+    def start(self) -> None:
+        if self._running:
+            raise RuntimeError("the DNS UDP thread is already running")
+        cdef sigset_t every, previous
+        cdef int status
+        # Signals stay with the interpreter's threads: the serving thread blocks them all (it inherits the mask).
+        sigfillset(&every)
+        pthread_sigmask(SIG_BLOCK, &every, &previous)
+        self._engine._native = self._native
+        status = pthread_create(&self._thread, NULL, _serve, self._native)
+        pthread_sigmask(SIG_SETMASK, &previous, NULL)
+        if status != 0:
+            self._engine._native = NULL
+            raise OSError(status, f"DNS could not start its UDP thread: {strerror(status).decode()}")
+        self._running = True
+
+    def stop(self) -> None:
+        """Wake the thread (even while it waits for a datagram), join it, and keep its counts in the engine's."""
+        if getpid() == self._owner_pid:
+            self._stop()
+
+    cdef void _stop(self):
+        cdef NativeUDP* native = self._native
+        cdef uint64_t one = 1
+        cdef int index
+        if not self._running or self._engine is None:
+            return
+        write(native.stop_fd, &one, sizeof(one))
+        with nogil:
+            pthread_join(self._thread, NULL)
+        self._running = False
+        engine = self._engine
+        engine._native = NULL
+        for index in range(RCODE_SLOTS):
+            engine._rcodes[index] += native.rcodes[index]
+        engine._cache_hits += native.hits
+        engine._truncated += native.truncated
+        engine._dropped += native.dropped + native.overflow
+        engine._overflow += native.overflow
+        engine._udp_queries += native.hits + native.dropped + native.overflow
+        memset(native.rcodes, 0, sizeof(native.rcodes))
+        native.hits = native.truncated = native.dropped = native.overflow = 0
+
+    @property
+    def send_failures(self) -> int:
+        pthread_mutex_lock(&self._native.lock)
+        failures = self._native.send_failures
+        pthread_mutex_unlock(&self._native.lock)
+        return failures
+
+    def answer_pending(self) -> int:
+        """The loop's reader callback for ``pending_fd``: answer the queued misses; returns how many."""
+        cdef NativeUDP* native = self._native
+        cdef uint64_t value
+        cdef Py_ssize_t count, index
+        cdef PendingQuery* taken
+        cdef ssize_t sent
+        # Reset the eventfd before taking the queue: a miss queued after the take makes it readable again.
+        read(native.pending_fd, &value, sizeof(value))
+        pthread_mutex_lock(&native.lock)
+        count = native.pending_count
+        taken = <PendingQuery*>malloc(count * sizeof(PendingQuery)) if count else NULL
+        if taken is not NULL:
+            for index in range(count):
+                taken[index] = native.pending[(native.pending_head + index) % PENDING_SLOTS]
+            native.pending_head = (native.pending_head + count) % PENDING_SLOTS
+            native.pending_count = 0
+        pthread_mutex_unlock(&native.lock)
+        if taken is NULL:
+            return 0
+        index = 0
+        try:
+            while index < count:
+                query = PyBytes_FromStringAndSize(<char*>taken[index].data, taken[index].length)
+                free(taken[index].data)
+                taken[index].data = NULL
+                try:
+                    response = self._engine.answer(query, False)
+                except Exception as error:
+                    self.errors += 1
+                    response = self._engine.servfail(query)
+                    if self._on_error is not None:
+                        self._on_error(error)
+                if response is not None:
+                    sent = sendto(native.fd, PyBytes_AS_STRING(response), PyBytes_GET_SIZE(response), MSG_DONTWAIT,
+                                  <const sockaddr*>&taken[index].peer, taken[index].peer_length)
+                    if sent < 0:
+                        pthread_mutex_lock(&native.lock)
+                        native.send_failures += 1
+                        pthread_mutex_unlock(&native.lock)
+                index += 1
+        finally:
+            for index in range(index, count):
+                free(taken[index].data)
+            free(taken)
+        return count

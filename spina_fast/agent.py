@@ -143,8 +143,10 @@ class Agent:
                 raise Unavailable("the aiohttp runner did not set up its server")
             self._http = FastHTTPServer(self, self._runner.server)
             self.bound_http_addr = await self._http.start(config.http_addr.host, config.http_addr.port)
+            # UDP cache hits are answered by a native thread, off this loop; its cache is told of every apply.
             self._dns = DNSServer(self.state.registry, domain=config.dns_domain, ttl=config.dns_ttl,
-                                  answer_limit=config.dns_answer_limit)
+                                  answer_limit=config.dns_answer_limit, udp="thread")
+            self.state.registry_listeners.append(self._dns.registry_changed)
             self.bound_dns_addr = await self._dns.start(config.dns_addr.host, config.dns_addr.port)
             if not config.peers:
                 # A single voter elects itself within one election timeout; wait so "ready" means writable.
@@ -193,6 +195,7 @@ class Agent:
             await self._http_client.close()
             self._http_client = None
         if self._dns is not None:
+            self.state.registry_listeners.remove(self._dns.registry_changed)
             await self._dns.close()
             self._dns = None
         if self._http is not None:

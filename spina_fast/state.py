@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -54,6 +54,8 @@ class ReplicatedState:
         self.config = ConfigStore(self.kv)
         self.registry = RegistryStore()
         self.registry_watches = RegistryWatches()
+        # Told the changed service names synchronously, before the apply returns (the DNS thread's answer cache).
+        self.registry_listeners: list[Callable[[list[str]], None]] = []
 
     def apply(self, index: int, command: bytes) -> Any:
         module = command[:1]
@@ -76,6 +78,8 @@ class ReplicatedState:
         finally:
             changed = registry.take_changed()
             if changed:
+                for listener in self.registry_listeners:
+                    listener(changed)
                 self.registry_watches.notify(changed)
 
     def snapshot(self) -> bytes:
@@ -90,7 +94,10 @@ class ReplicatedState:
         self.config.restore(config)
         registry = document.get("registry")
         self.registry.restore(base64.b64decode(registry) if registry else RegistryStore().snapshot())
-        self.registry_watches.notify(self.registry.take_changed())
+        changed = self.registry.take_changed()
+        for listener in self.registry_listeners:
+            listener(changed)
+        self.registry_watches.notify(changed)
 
     def state_hash(self) -> str:
         parts = f"{self.kv.state_hash()}:{self.config.state_hash()}:{self.registry.state_hash()}"

@@ -15,7 +15,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.agents import AgentProcess, make_cluster, start_agent, wait_until
+from tests.agents import AgentProcess, make_cluster, request_json, start_agent, wait_until
+from tests.dns.conftest import StaleAnswerWatch
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,44 @@ def _registered(process: AgentProcess) -> bool:
     except OSError:
         return False
     return True
+
+
+def consul(agent: AgentProcess, path: str, body: object = None) -> None:
+    status, _, payload = request_json("PUT", agent.base_url + path, body)
+    assert status == 200, payload
+
+
+def test_every_change_through_the_http_api_is_seen_by_the_next_query(agent: AgentProcess) -> None:
+    consul(agent, "/v1/agent/service/register", {"Name": "flip", "ID": "flip-0", "Address": "10.30.0.1", "Port": 80})
+    for number in range(15):
+        address = f"10.30.1.{number + 1}"
+        instance = f"flip-{number + 1}"
+        consul(agent, "/v1/agent/service/register", {"Name": "flip", "ID": instance, "Address": address, "Port": 80,
+                                                     "Check": {"TTL": "1h"}})
+        # As in Consul, a TTL check starts critical: not in DNS until its first heartbeat.
+        assert records(ask(agent, "flip.service.spina"), "A") == ["10.30.0.1"]
+        consul(agent, f"/v1/agent/check/pass/service:{instance}")
+        for _ in range(3):  # the first is a miss answered by the loop, the rest come from the serving thread
+            assert records(ask(agent, "flip.service.spina"), "A") == sorted(["10.30.0.1", address])
+        consul(agent, f"/v1/agent/check/fail/service:{instance}")
+        assert records(ask(agent, "flip.service.spina"), "A") == ["10.30.0.1"]
+        consul(agent, f"/v1/agent/check/pass/service:{instance}")
+        assert records(ask(agent, "flip.service.spina"), "A") == sorted(["10.30.0.1", address])
+        consul(agent, f"/v1/agent/service/deregister/{instance}")
+        assert records(ask(agent, "flip.service.spina"), "A") == ["10.30.0.1"]
+
+
+def test_concurrent_lookups_never_see_an_instance_after_its_deregistration_is_acknowledged(
+        agent: AgentProcess) -> None:
+    consul(agent, "/v1/agent/service/register", {"Name": "churn", "ID": "churn-0", "Address": "10.31.0.1", "Port": 80})
+    with StaleAnswerWatch(lambda: records(ask(agent, "churn.service.spina"), "A")) as watch:
+        for number in range(60):
+            address = f"10.31.1.{number + 1}"
+            consul(agent, "/v1/agent/service/register",
+                   {"Name": "churn", "ID": f"churn-{number + 1}", "Address": address, "Port": 80})
+            # Seen once: the serving thread now holds an answer with it, which the deregistration must drop.
+            assert address in records(ask(agent, "churn.service.spina"), "A")
+            consul(agent, f"/v1/agent/service/deregister/churn-{number + 1}")
+            watch.removed(address)
+    assert not watch.stale, watch.stale[:5]
+    assert all(watch.answered), watch.answered

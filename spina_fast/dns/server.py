@@ -1,9 +1,17 @@
 """The DNS front end: one UDP endpoint and one TCP listener on the same port, answering from the registry.
 
 Python owns the sockets and the event loop; ``spina_fast._dns.DNSEngine`` owns the bytes (parsing, the answer
-cache, encoding). UDP is read in batches by ``UDPResponder`` (``recvmmsg`` / ``sendmmsg`` from the loop's reader
-callback, no Python frame per datagram); ``udp_batch=False`` serves it through an asyncio ``DatagramProtocol``
-instead (the portable path, and the baseline the benchmark compares). TCP follows RFC 7766: 2-byte
+cache, encoding). UDP is served one of three ways (``udp=``):
+
+- ``"thread"``: a native thread that never takes the GIL answers cache hits (``UDPThread``: ``recvmmsg`` /
+  ``sendmmsg``, a C answer table), so that a busy event loop does not delay them; misses are answered on the loop.
+  Its table is invalidated by push, so whoever changes the registry must call ``registry_changed(services)``
+  after every change (the agent's state machine does, after each apply);
+- ``"batch"`` (the default): ``UDPResponder`` reads batches from the loop's reader callback, no Python frame per
+  datagram; answers are checked against the registry's indexes on each use, so no one needs to call anything;
+- ``"protocol"``: an asyncio ``DatagramProtocol`` (the portable path, and a baseline the benchmark compares).
+
+If the thread cannot start, the server says so in the log and serves ``"batch"``. TCP follows RFC 7766: 2-byte
 length framing, pipelined queries answered in order in one write per read, an idle timeout, reading paused
 while the peer does not drain its answers, and a bound on open connections. A message the engine cannot
 even read as a query ends a TCP connection (there is no way to resynchronise a stream that lies).
@@ -15,10 +23,11 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
-from spina_fast._dns import DEFAULT_MAX_UDP_PAYLOAD, DNSEngine, UDPResponder
+from spina_fast._dns import DEFAULT_MAX_UDP_PAYLOAD, DNSEngine, UDPResponder, UDPThread
 from spina_fast.config import HostPort
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ BIND_ATTEMPTS = 20
 # A burst of queries waits in the socket buffer while the loop is busy; the default (~200 KB) drops
 # packets under load generators long before the server is saturated.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+UDPMode = Literal["thread", "batch", "protocol"]
+UDP_MODES: tuple[str, ...] = ("thread", "batch", "protocol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,7 @@ class DNSStats:
     tcp_queries: int
     tcp_connections: int
     udp_send_failures: int
+    udp_overflow: int  # misses the serving thread dropped because the loop had too many waiting already
 
     def rcodes(self) -> dict[str, int]:
         """Answers by rcode name (the label set of a ``spina_dns_responses_total{rcode=...}`` counter)."""
@@ -67,8 +79,9 @@ class DNSServer:
 
     def __init__(self, registry: Any, *, domain: str = "spina", ttl: int = 0, answer_limit: int = 0,
                  max_udp_payload: int = DEFAULT_MAX_UDP_PAYLOAD, tcp_idle_seconds: float = TCP_IDLE_SECONDS,
-                 max_tcp_connections: int = MAX_TCP_CONNECTIONS, udp_batch: bool = hasattr(socket, "recvmsg")
-                 ) -> None:
+                 max_tcp_connections: int = MAX_TCP_CONNECTIONS, udp: UDPMode = "batch") -> None:
+        if udp not in UDP_MODES:
+            raise ValueError(f"DNS UDP mode {udp!r} is not one of {', '.join(UDP_MODES)}")
         if tcp_idle_seconds <= 0:
             raise ValueError(f"DNS TCP idle timeout {tcp_idle_seconds} must be positive")
         if max_tcp_connections < 1:
@@ -77,11 +90,13 @@ class DNSServer:
                                 max_udp_payload=max_udp_payload)
         self.tcp_idle_seconds = tcp_idle_seconds
         self.max_tcp_connections = max_tcp_connections
-        self.udp_batch = udp_batch
+        self.udp: UDPMode = udp
         self.address: HostPort | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_socket: socket.socket | None = None
         self._responder: UDPResponder | None = None
+        self._thread: UDPThread | None = None
+        self._send_failures = 0
         self._tcp: asyncio.Server | None = None
         self._connections: set[_TCPProtocol] = set()
 
@@ -92,11 +107,14 @@ class DNSServer:
         udp_socket, tcp_socket = _bind_pair(host, port)
         loop = asyncio.get_running_loop()
         try:
-            if self.udp_batch:
+            if self.udp == "thread":
+                self._udp_socket = udp_socket
+                self._start_thread(loop, udp_socket)
+            if self.udp == "batch":
                 self._responder = UDPResponder(self.engine, udp_socket.fileno(), on_error=_log_answer_error)
                 loop.add_reader(udp_socket.fileno(), self._responder.drain)
                 self._udp_socket = udp_socket
-            else:
+            elif self.udp == "protocol":
                 udp_transport, _ = await loop.create_datagram_endpoint(lambda: _UDPProtocol(self.engine),
                                                                        sock=udp_socket)
                 self._udp = udp_transport
@@ -111,10 +129,35 @@ class DNSServer:
                  self.engine.ttl, self.engine.answer_limit)
         return self.address
 
+    def _start_thread(self, loop: asyncio.AbstractEventLoop, udp_socket: socket.socket) -> None:
+        thread = UDPThread(self.engine, udp_socket.fileno(), on_error=_log_answer_error)
+        try:
+            thread.start()
+        except OSError as exc:
+            log.warning("DNS serves UDP from the event loop: %s", exc)
+            self.udp = "batch"
+            return
+        loop.add_reader(thread.pending_fd, thread.answer_pending)
+        self._thread = thread
+
+    def registry_changed(self, services: Iterable[str]) -> None:
+        """Call synchronously after every registry change with the names of the services it touched (the
+        serving thread's cached answers for them are dropped before this returns; other modes need no call)."""
+        self.engine.registry_changed(services)
+
     async def close(self) -> None:
         self.address = None
+        if self._thread is not None:
+            # Joined before the socket closes: the thread never sees its descriptor reused.
+            self._thread.stop()
+            asyncio.get_running_loop().remove_reader(self._thread.pending_fd)
+            self._send_failures += self._thread.send_failures
+            self._thread = None
+        if self._responder is not None:
+            self._send_failures += self._responder.send_failures
+            self._responder = None
         if self._udp_socket is not None:
-            asyncio.get_running_loop().remove_reader(self._udp_socket.fileno())
+            asyncio.get_running_loop().remove_reader(self._udp_socket.fileno())  # the responder's, if any
             self._udp_socket.close()
             self._udp_socket = None
         if self._udp is not None:
@@ -129,8 +172,12 @@ class DNSServer:
 
     @property
     def stats(self) -> DNSStats:
-        return DNSStats(**self.engine.stats(), tcp_connections=len(self._connections),
-                        udp_send_failures=self._responder.send_failures if self._responder is not None else 0)
+        send_failures = self._send_failures
+        if self._thread is not None:
+            send_failures += self._thread.send_failures
+        if self._responder is not None:
+            send_failures += self._responder.send_failures
+        return DNSStats(**self.engine.stats(), tcp_connections=len(self._connections), udp_send_failures=send_failures)
 
 
 def _log_answer_error(error: BaseException) -> None:

@@ -26,9 +26,12 @@ DIG = shutil.which("dig")
 needs_dig = pytest.mark.skipif(DIG is None, reason="dig (dnsutils) is not installed")
 
 
-@pytest.fixture(params=[True, False], ids=["recvmmsg", "protocol"])
+UDP_MODES = ["thread", "batch", "protocol"]
+
+
+@pytest.fixture(params=UDP_MODES)
 async def server(registry: Registry, request: pytest.FixtureRequest) -> AsyncIterator[DNSServer]:
-    dns_server = DNSServer(registry.store, max_udp_payload=4096, udp_batch=request.param)
+    dns_server = registry.serve(request.param, max_udp_payload=4096)
     await dns_server.start("127.0.0.1", 0)
     yield dns_server
     await dns_server.close()
@@ -125,9 +128,10 @@ async def test_a_registry_change_is_visible_on_the_next_query(server: DNSServer,
     assert (await udp(server, "db.service.spina")).rcode() == dns.rcode.NXDOMAIN
 
 
-async def test_answer_limit_rotates_across_queries(registry: Registry) -> None:
+@pytest.mark.parametrize("udp_mode", UDP_MODES)
+async def test_answer_limit_rotates_across_queries(registry: Registry, udp_mode: str) -> None:
     many_instances(registry, 6)
-    server = DNSServer(registry.store, answer_limit=2)
+    server = registry.serve(udp_mode, answer_limit=2)
     await server.start("127.0.0.1", 0)
     try:
         answers = [[rdata.to_text() for rdata in (await udp(server, "wide.service.spina")).answer[0]]
@@ -270,10 +274,10 @@ async def test_dig_retries_truncated_answers_over_tcp(server: DNSServer, registr
     assert len(over_tcp.split()) == 200
 
 
-@pytest.mark.parametrize("udp_batch", [True, False], ids=["recvmmsg", "protocol"])
-async def test_a_failing_registry_costs_a_servfail_not_the_server(udp_batch: bool,
+@pytest.mark.parametrize("udp_mode", UDP_MODES)
+async def test_a_failing_registry_costs_a_servfail_not_the_server(udp_mode: str,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    server = DNSServer(BrokenRegistry(), udp_batch=udp_batch)
+    server = DNSServer(BrokenRegistry(), udp=udp_mode)  # type: ignore[arg-type]
     await server.start("127.0.0.1", 0)
     try:
         for _ in range(2):
