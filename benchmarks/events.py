@@ -77,6 +77,18 @@ def _librdkafka(config: Any) -> dict[str, Any]:
     return dict(settings)
 
 
+def _conf(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` librdkafka overrides (--producer-conf / --consumer-conf), applied to every
+    pipeline alike so the peer keeps the same settings."""
+    conf: dict[str, Any] = {}
+    for pair in filter(None, text.split(",")):
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"bad librdkafka override {pair!r}: expected key=value")
+        conf[name.strip()] = value.strip()
+    return conf
+
+
 # ------------------------------------------------------------------ roles (child processes) ----
 
 def role_raw_producer(args: argparse.Namespace) -> None:
@@ -85,7 +97,8 @@ def role_raw_producer(args: argparse.Namespace) -> None:
     import orjson
     from confluent_kafka import Producer
 
-    producer = Producer(_librdkafka(ProducerConfig(args.bootstrap, compression=args.compression)))
+    producer = Producer(_librdkafka(ProducerConfig(args.bootstrap, compression=args.compression,
+                                                   extra=_conf(args.producer_conf))))
     value = orjson.dumps(_payload(0, args.payload_bytes))  # the same 200-byte JSON payload Spina carries
     keys = [f"agg-{i}".encode() for i in range(AGGREGATES)]
     names = [f"agg-{i}" for i in range(AGGREGATES)]
@@ -127,7 +140,8 @@ def role_raw_consumer(args: argparse.Namespace) -> None:
     import orjson
     from confluent_kafka import Consumer
 
-    settings = _librdkafka(ConsumerConfig(args.bootstrap, group_id=f"raw-{uuid.uuid4().hex}"))
+    settings = _librdkafka(ConsumerConfig(args.bootstrap, group_id=f"raw-{uuid.uuid4().hex}",
+                                          extra=_conf(args.consumer_conf)))
     settings["enable.auto.offset.store"] = True
     consumer = Consumer(settings)
     assigned: list[Any] = []
@@ -158,7 +172,8 @@ def role_raw_consumer(args: argparse.Namespace) -> None:
 
 
 async def _spina_producer(args: argparse.Namespace) -> None:
-    config = ProducerConfig(args.bootstrap, source="bench", compression=args.compression)
+    config = ProducerConfig(args.bootstrap, source="bench", compression=args.compression,
+                            trace_headers=args.trace_headers, extra=_conf(args.producer_conf))
     sequence = [0] * AGGREGATES
     failures = 0
     names = [f"agg-{a}" for a in range(AGGREGATES)]
@@ -221,8 +236,10 @@ async def _spina_consumer(args: argparse.Namespace) -> None:
             done.set()
 
     config = ConsumerConfig(args.bootstrap, group_id=f"spina-{uuid.uuid4().hex}", lane=args.lane,
+                            extra=_conf(args.consumer_conf),
                             **({"batch_wait_s": args.batch_wait} if args.batch_wait >= 0 else {}),
-                            **({"max_batch": args.max_batch} if args.max_batch else {}))
+                            **({"max_batch": args.max_batch} if args.max_batch else {}),
+                            **({"commit_mode": args.commit_mode} if args.commit_mode else {}))
     consumer = EventConsumer(config, [args.topic], handle, registry=None)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, done.set)
@@ -250,9 +267,17 @@ async def _spina_consumer(args: argparse.Namespace) -> None:
     _emit({**state, "timeline": timeline, "cpu_s": cpu})
 
 
+def _raise_priority(args: argparse.Namespace) -> None:
+    """--priority-nice: the diagnostic run, priority-lane processes (Spina's and the peer's alike) scheduled
+    ahead of the bulk lane's (needs root or CAP_SYS_NICE)."""
+    if args.priority_nice:
+        os.nice(-args.priority_nice)
+
+
 async def _priority(args: argparse.Namespace) -> None:
     latencies: list[float] = []
     measuring = False
+    _raise_priority(args)
 
     def handle(events: list[Event]) -> None:
         now = _now()
@@ -299,6 +324,7 @@ def role_raw_priority(args: argparse.Namespace) -> None:
 
     from confluent_kafka import Consumer, Producer
 
+    _raise_priority(args)
     consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"rawprio-{uuid.uuid4().hex}",
                          "auto.offset.reset": "latest", "fetch.wait.max.ms": 10, "fetch.min.bytes": 1,
                          "socket.nagle.disable": True})
@@ -347,7 +373,10 @@ def role_raw_priority(args: argparse.Namespace) -> None:
 
 def _spawn(role: str, args: argparse.Namespace, **extra: Any) -> subprocess.Popen[str]:
     options = {"bootstrap": args.bootstrap, "payload_bytes": args.payload_bytes, "batch_wait": args.batch_wait,
-               "max_batch": args.max_batch, **extra}
+               "max_batch": args.max_batch, "producer_conf": args.producer_conf,
+               "priority_nice": args.priority_nice,
+               "commit_mode": args.commit_mode,
+               "consumer_conf": args.consumer_conf, **extra}
     command = [sys.executable, __file__, "--role", role]
     for name, value in options.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
@@ -388,7 +417,8 @@ def _broker_pids() -> list[int]:
     return [pid]
 
 
-def _e2e(args: argparse.Namespace, admin: TopicAdmin, kind: str, compression: str = "lz4") -> dict[str, float]:
+def _e2e(args: argparse.Namespace, admin: TopicAdmin, kind: str, compression: str = "lz4",
+         trace_headers: str = "always") -> dict[str, float]:
     """events/s end to end, and CPU µs per event of the two client processes and of the broker."""
     topic = f"bench.events{uuid.uuid4().hex[:8]}.{kind.replace('_', '-')}"
     admin.ensure([TopicSpec(topic, partitions=args.partitions)], with_dlq=(kind == "spina"))
@@ -400,7 +430,7 @@ def _e2e(args: argparse.Namespace, admin: TopicAdmin, kind: str, compression: st
         brokers = _broker_pids()
         broker_cpu = sum(_cpu_seconds(pid) for pid in brokers)
         producer = _spawn(f"{role}-producer", args, topic=topic, events=args.events, compression=compression,
-                          full=full)
+                          full=full, trace_headers=trace_headers)
         sent = _finish(producer)
         received = _finish(consumer)
         broker_cpu = sum(_cpu_seconds(pid) for pid in brokers) - broker_cpu
@@ -484,6 +514,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 run[kind] = _e2e(args, admin, kind)
             for compression in compressions:
                 run[f"spina_{compression}"] = _e2e(args, admin, "spina", compression)
+            if args.lean:
+                run["spina_lean"] = _e2e(args, admin, "spina", trace_headers="caller")
             run["ratio"] = run["spina"]["events_per_s"] / run["raw"]["events_per_s"]
         if args.priority_seconds > 0:
             run["priority"] = _priority_run(args, admin)
@@ -522,6 +554,10 @@ def _throughput_summary(runs: list[dict[str, Any]], compressions: list[str]) -> 
                              for kind in ("raw", "raw_full", "spina")},
         "raw_full_events_per_s": med("raw_full"),
         "compression_events_per_s": {c: med(f"spina_{c}") for c in compressions},
+        **({"lean_events_per_s": med("spina_lean"),
+            "lean_cpu_us_per_event": {part: med("spina_lean", f"{part}_cpu_us")
+                                      for part in ("producer", "consumer", "broker")}}
+           if "spina_lean" in runs[0] else {}),
     }
 
 
@@ -540,6 +576,16 @@ def main() -> None:
     parser.add_argument("--batch-wait", type=float, default=-1.0,
                         help="Spina consumer batch_wait_s (default: the library's)")
     parser.add_argument("--max-batch", type=int, default=0, help="Spina consumer max_batch (default: the library's)")
+    parser.add_argument("--commit-mode", default="", choices=["", "batch", "async", "interval"],
+                        help="Spina bulk consumer commit_mode (default: the library's, 'batch')")
+    parser.add_argument("--producer-conf", default="",
+                        help="librdkafka overrides for every bulk producer, Spina's and the peer's: key=value,...")
+    parser.add_argument("--consumer-conf", default="",
+                        help="librdkafka overrides for every bulk consumer, Spina's and the peer's: key=value,...")
+    parser.add_argument("--no-lean", dest="lean", action="store_false",
+                        help="skip the row for ProducerConfig(trace_headers='caller')")
+    parser.add_argument("--priority-nice", type=int, default=0,
+                        help="diagnostic: run both priority-lane processes at nice -N (root only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # child process roles
     parser.add_argument("--role", default=None, help=argparse.SUPPRESS)
@@ -548,6 +594,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--lane", default="bulk", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-headers", default="always", help=argparse.SUPPRESS)
     parser.add_argument("--full", default="False", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.full = args.full == "True"
@@ -594,11 +641,18 @@ def _print_throughput(result: dict[str, Any]) -> None:
     for compression, rate in result["compression_events_per_s"].items():
         rows.append([f"spina, compression {compression}", round(rate),
                      f"{rate / result['raw_events_per_s']:.2f}"])
+    if "lean_events_per_s" in result:
+        lean = result["lean_events_per_s"]
+        rows.append(["spina, trace_headers='caller' (no derived traceparent header)", round(lean),
+                     f"{lean / result['raw_events_per_s']:.2f}"])
     print_table("end to end throughput (events/s)", ["pipeline", "events/s", "vs raw"], rows)
     cpu = result["cpu_us_per_event"]
     print_table("CPU per event (µs; medians)", ["pipeline", "producer process", "consumer process", "broker"],
                 [[kind, round(cpu[kind]["producer"], 2), round(cpu[kind]["consumer"], 2), round(cpu[kind]["broker"], 2)]
-                 for kind in ("raw", "raw_full", "spina")])
+                 for kind in ("raw", "raw_full", "spina")]
+                + ([["spina_lean", *(round(result["lean_cpu_us_per_event"][part], 2)
+                                     for part in ("producer", "consumer", "broker"))]]
+                   if "lean_cpu_us_per_event" in result else []))
     spread = [round(r["ratio"], 2) for r in result["per_run"]]
     print(f"\nspina / raw per run: {spread} (median {statistics.median(spread):.2f})")
 

@@ -8,18 +8,24 @@ payload goes through orjson, the rest are fixed parts and ASCII checks.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
+
+cimport cython
 
 import os
+import re
 
 import orjson
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    object PyUnicode_DecodeUTF8(const char* data, Py_ssize_t size, const char* errors)
 
 cdef object _dumps = orjson.dumps
 cdef object _loads = orjson.loads
 cdef str TRACEPARENT = "traceparent"
+# an event id EnvelopeWriter writes, usable as a W3C trace id (32 lower-case hex digits, not all zero)
+cdef object _TRACE_ID = re.compile(r"^(?!0{32})[0-9a-f]{16}(?!0{16})[0-9a-f]{16}$")
 cdef const char* HEX = b"0123456789abcdef"
 cdef tuple _FIELDS = ("id", "type", "source", "aggregate_id", "time", "schema_version", "correlation_id", "payload")
 
@@ -75,9 +81,16 @@ cdef inline char* _put(char* buf, bytes part) noexcept:
     return buf + size
 
 
+@cython.no_gc
 cdef class Event:
     """One received event. ``traceparent`` is read from the Kafka headers on first use (most handlers never
-    look at it, and building the header list costs about as much as decoding the envelope)."""
+    look at it, and building the header list costs about as much as decoding the envelope); ``payload`` is
+    decoded from the message value on first use.
+
+    Not tracked by the cycle collector: a consumed Event refers to its Message, its strings and a payload
+    decoded from JSON, none of which can refer back to it, and the collector's passes over batches of tracked
+    Events were a visible share of the consumer's CPU (benchmarks/README.md, events). An Event built by hand
+    with a payload that refers back to the Event would never be freed."""
 
     def __init__(self, str id, str type, str source, str aggregate_id, str time, schema_version,
                  correlation_id, payload, str topic="", int partition=-1, long long offset=-1, message=None):
@@ -88,19 +101,37 @@ cdef class Event:
         self.time = time
         self.schema_version = schema_version
         self.correlation_id = correlation_id
-        self.payload = payload
+        self._payload = payload
+        self._payload_end = -1
         self.topic = topic
         self.partition = partition
         self.offset = offset
         self._message = message
 
     @property
+    def payload(self):
+        """The decoded payload. Raises orjson.JSONDecodeError (a ValueError) if the payload is not JSON: only
+        the envelope's head is checked when the batch is decoded, so a handler that touches such a payload
+        fails, and the event ends in the dead-letter topic after its retries."""
+        if self._payload_end >= 0:
+            self._payload = _loads(memoryview(self._value)[self._payload_start:self._payload_end])
+            self._payload_end = -1
+            self._value = None
+        return self._payload
+
+    @property
     def traceparent(self):
+        """The ``traceparent`` header; without one, the trace a Spina producer starts for an event without a
+        caller's trace context (``00-<id>-<second half of id>-01``: ProducerConfig.trace_headers="caller"
+        does not send it, it carries nothing the id does not)."""
         if self._traceparent is None and self._message is not None:
             for name, value in self._message.headers() or ():
                 if name == TRACEPARENT and value is not None:
                     self._traceparent = value.decode("ascii", "replace")
                     break
+            else:
+                if self.id is not None and _TRACE_ID.match(self.id):
+                    self._traceparent = f"00-{self.id}-{self.id[16:]}-01"
         return self._traceparent
 
     @property
@@ -113,12 +144,32 @@ cdef class Event:
                 f"topic={self.topic!r}, partition={self.partition}, offset={self.offset})")
 
 
+cdef class EncodedBatch:
+    """Encoded events as three lists of bytes (Kafka keys, values, traceparent header values) rather than a
+    tuple, a header list and a header tuple per event: bytes are not tracked by the cycle collector, and
+    three tracked containers per queued event had made its full passes a noticeable share of the producer's
+    CPU. Item ``i`` reads as ``(key, value, [("traceparent", header)])``, as Producer.produce takes them."""
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, Py_ssize_t index):
+        cdef Py_ssize_t size = len(self.keys)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:  # bounds checks are off in this module; iteration ends on IndexError
+            raise IndexError(f"event index {index} out of range for a batch of {size}")
+        header = self.headers[index]
+        return (self.keys[index], self.values[index], [(TRACEPARENT, header)] if header is not None else [])
+
+
 cdef class EnvelopeWriter:
     """Writes envelopes for one producer. Event ids: a random 64-bit producer prefix and a counter, 32 hex
     digits; an event without a caller's traceparent starts a trace whose id is the event id."""
 
-    def __init__(self, str source):
+    def __init__(self, str source, bint trace_headers=True):
         self.source = source
+        self.trace_headers = trace_headers
         self._source_json = _json_string(source)
         memcpy(self._prefix, PyBytes_AS_STRING(os.urandom(8).hex().encode()), 16)
         self._counter = 0
@@ -140,17 +191,22 @@ cdef class EnvelopeWriter:
 
     def encode_batch(self, str event_type, list items, long long schema_version, str time_text,
                      Py_ssize_t max_bytes, traceparent_ok):
-        """[(key, value, headers)] for ``(aggregate_id, payload[, correlation_id[, traceparent]])`` items;
-        raises EncodeError for the first bad item, before anything is returned."""
+        """An EncodedBatch for ``(aggregate_id, payload[, correlation_id[, traceparent]])`` items; raises
+        EncodeError for the first bad item, before anything is returned."""
         cdef bytes head = (b'","type":' + _json_string(event_type) + b',"source":' + self._source_json
                            + b',"aggregate_id":')
         cdef bytes middle = (b',"time":' + _json_string(time_text) + b',"schema_version":'
                              + str(schema_version).encode() + b',"correlation_id":')
         cdef bytes null = b"null"
-        cdef list out = []
+        cdef EncodedBatch out = EncodedBatch.__new__(EncodedBatch)
+        cdef list keys = []
+        cdef list values = []
+        cdef list headers = []
+        out.keys, out.values, out.headers = keys, values, headers
         cdef Py_ssize_t index, size, length
         cdef object item, aggregate_id, correlation_id, traceparent
-        cdef bytes key, aggregate_json, correlation_json, payload_json, value, header
+        cdef bytes key, aggregate_json, correlation_json, payload_json, value
+        cdef object header
         cdef char* buf
         cdef char* tp
         for index in range(len(items)):
@@ -186,7 +242,9 @@ cdef class EnvelopeWriter:
             buf = PyBytes_AS_STRING(value)
             memcpy(buf, b'{"id":"', 7)
             self._write_id(buf + 7)
-            if traceparent is None:
+            if traceparent is None and not self.trace_headers:
+                header = None  # the consumer derives it from the id (Event.traceparent)
+            elif traceparent is None:
                 # 00-<trace id = event id>-<parent id = the id's counter half>-01 (sampled)
                 header = PyBytes_FromStringAndSize(NULL, 55)
                 tp = PyBytes_AS_STRING(header)
@@ -206,25 +264,35 @@ cdef class EnvelopeWriter:
             memcpy(buf, b',"payload":', 11)
             buf = _put(buf + 11, payload_json)
             buf[0] = 125  # }
-            out.append((key, value, [(TRACEPARENT, header)]))
+            keys.append(key)
+            values.append(value)
+            headers.append(header)
         return out
 
 
-def produce_all(produce, str topic, list encoded, Py_ssize_t start, on_delivery):
+def produce_all(produce, str topic, EncodedBatch encoded, Py_ssize_t start, on_delivery):
     """Calls ``produce`` for ``encoded[start:]``; returns the index reached (len(encoded) when done, less when
     the local queue filled up: BufferError). Positional arguments: confluent-kafka would otherwise build a
-    keyword dict per event. Any other error is raised as ProduceFailed(index, cause)."""
+    keyword dict per event. One header list serves every call (produce copies the headers into librdkafka
+    before it returns). Any other error is raised as ProduceFailed(index, cause)."""
     cdef Py_ssize_t index
-    cdef tuple item
-    for index in range(start, len(encoded)):
-        item = <tuple>encoded[index]
+    cdef list keys = encoded.keys
+    cdef list values = encoded.values
+    cdef list headers = encoded.headers
+    cdef list header = [None]
+    cdef object value
+    for index in range(start, len(keys)):
+        value = headers[index]
+        if value is not None:
+            header[0] = (TRACEPARENT, value)
         try:
-            produce(topic, item[1], item[0], -1, on_delivery, None, 0, item[2])
+            produce(topic, values[index], keys[index], -1, on_delivery, None, 0,
+                    header if value is not None else None)
         except BufferError:
             return index
         except Exception as exc:
             raise ProduceFailed(index, exc) from exc
-    return len(encoded)
+    return len(keys)
 
 
 cdef class DeliveryCounter:
@@ -254,50 +322,214 @@ cdef class DeliveryCounter:
             self._on_done()
 
 
+cdef class _HeadReader:
+    """Reads the head of an envelope in the exact layout EnvelopeWriter writes (fields in order, no
+    whitespace, payload last) without building a dict, and leaves the payload as a slice to decode on use.
+    Anything else (another writer's field order, escapes it cannot copy, a non-string field) returns False and
+    the caller decodes the whole value with orjson. Strings repeated between events (type, source, time) are
+    reused instead of decoded again."""
+
+    cdef const char* buf
+    cdef Py_ssize_t pos
+    cdef Py_ssize_t end
+    cdef bytes _last_type
+    cdef str _type
+    cdef bytes _last_source
+    cdef str _source
+    cdef bytes _last_time
+    cdef str _time
+
+    cdef inline bint _literal(self, const char* text, Py_ssize_t size) noexcept:
+        if self.end - self.pos < size or memcmp(self.buf + self.pos, text, size) != 0:
+            return False
+        self.pos += size
+        return True
+
+    cdef inline Py_ssize_t _string_end(self) noexcept:
+        """Index of the closing quote of the plain string starting at pos (after its opening quote), or -1 if
+        it has escapes or control characters or does not end."""
+        cdef Py_ssize_t i
+        cdef unsigned char c
+        for i in range(self.pos, self.end):
+            c = <unsigned char>self.buf[i]
+            if c == 34:
+                return i
+            if c == 92 or c < 0x20:
+                return -1
+        return -1
+
+    cdef object _string(self):
+        """The string value at pos (a plain JSON string) or None if it is not one."""
+        cdef Py_ssize_t stop
+        if not self._literal(b'"', 1):
+            return None
+        stop = self._string_end()
+        if stop < 0:
+            return None
+        try:
+            text = PyUnicode_DecodeUTF8(self.buf + self.pos, stop - self.pos, NULL)
+        except UnicodeDecodeError:
+            return None
+        self.pos = stop + 1
+        return text
+
+    cdef object _cached(self, int which):
+        """Like _string, reusing the previous event's str when the bytes are the same."""
+        cdef Py_ssize_t stop, size
+        cdef bytes last
+        if not self._literal(b'"', 1):
+            return None
+        stop = self._string_end()
+        if stop < 0:
+            return None
+        size = stop - self.pos
+        last = self._last_type if which == 0 else (self._last_source if which == 1 else self._last_time)
+        if (last is not None and PyBytes_GET_SIZE(last) == size
+                and memcmp(PyBytes_AS_STRING(last), self.buf + self.pos, size) == 0):
+            self.pos = stop + 1
+            return self._type if which == 0 else (self._source if which == 1 else self._time)
+        try:
+            text = PyUnicode_DecodeUTF8(self.buf + self.pos, size, NULL)
+        except UnicodeDecodeError:
+            return None
+        last = PyBytes_FromStringAndSize(self.buf + self.pos, size)
+        if which == 0:
+            self._last_type, self._type = last, text
+        elif which == 1:
+            self._last_source, self._source = last, text
+        else:
+            self._last_time, self._time = last, text
+        self.pos = stop + 1
+        return text
+
+    cdef bint read(self, Event event, bytes value):
+        cdef object text
+        cdef long long number = 0
+        cdef int digits = 0
+        cdef bint negative = False
+        self.buf = PyBytes_AS_STRING(value)
+        self.pos = 0
+        self.end = PyBytes_GET_SIZE(value)
+        if self.end < 2 or self.buf[self.end - 1] != 125:  # }
+            return False
+        self.end -= 1
+        if not self._literal(b'{"id":', 6):
+            return False
+        text = self._string()
+        if text is None:
+            return False
+        event.id = text
+        if not self._literal(b',"type":', 8):
+            return False
+        text = self._cached(0)
+        if text is None:
+            return False
+        event.type = text
+        if not self._literal(b',"source":', 10):
+            return False
+        text = self._cached(1)
+        if text is None:
+            return False
+        event.source = text
+        if not self._literal(b',"aggregate_id":', 16):
+            return False
+        text = self._string()
+        if text is None:
+            return False
+        event.aggregate_id = text
+        if not self._literal(b',"time":', 8):
+            return False
+        text = self._cached(2)
+        if text is None:
+            return False
+        event.time = text
+        if not self._literal(b',"schema_version":', 18):
+            return False
+        if self.pos < self.end and self.buf[self.pos] == 45:  # -
+            negative = True
+            self.pos += 1
+        while self.pos < self.end and 48 <= self.buf[self.pos] <= 57 and digits < 18:
+            number = number * 10 + (self.buf[self.pos] - 48)
+            self.pos += 1
+            digits += 1
+        if digits == 0 or (self.pos < self.end and 48 <= self.buf[self.pos] <= 57):
+            return False
+        event.schema_version = -number if negative else number
+        if not self._literal(b',"correlation_id":', 18):
+            return False
+        if self._literal(b"null", 4):
+            event.correlation_id = None
+        else:
+            text = self._string()
+            if text is None:
+                return False
+            event.correlation_id = text
+        if not self._literal(b',"payload":', 11) or self.pos >= self.end:
+            return False
+        event._value = value
+        event._payload_start = self.pos
+        event._payload_end = self.end
+        return True
+
+
 def decode_batch(list messages):
     """(events, undecodable [(message, reason)], errored messages, {(topic, partition): next offset}) for a
-    consumed batch; events keep the messages' order."""
+    consumed batch; events keep the messages' order. Envelopes in EnvelopeWriter's layout are read without
+    orjson and their payloads decoded on first use; any other value is decoded (and checked) whole."""
     cdef list events = []
     cdef list undecodable = []
     cdef list errored = []
     cdef dict offsets = {}
     cdef Event event
     cdef object message, doc, value
+    cdef _HeadReader reader = _HeadReader()
+    cdef str topic = None
+    cdef object last_topic = None
     for message in messages:
         if message.error() is not None:
             errored.append(message)
             continue
         event = Event.__new__(Event)
-        event.topic = message.topic()
+        event._payload_end = -1
+        # One str per batch and topic rather than one per event (a batch is mostly one topic).
+        value = message.topic()
+        if value != last_topic:
+            last_topic = topic = value
+        event.topic = topic
         event.partition = message.partition()
         event.offset = message.offset()
-        offsets[(event.topic, event.partition)] = event.offset + 1
         value = message.value()
         if value is None:
             undecodable.append((message, "message has no value (a tombstone?), not a Spina event envelope"))
+            offsets[(event.topic, event.partition)] = event.offset + 1
             continue
-        try:
-            doc = _loads(value)
-        except orjson.JSONDecodeError as exc:
-            undecodable.append((message, f"message value is not JSON: {exc}"))
-            continue
-        try:
-            event.id = doc["id"]
-            event.type = doc["type"]
-            event.source = doc["source"]
-            event.aggregate_id = doc["aggregate_id"]
-            event.time = doc["time"]
-            event.schema_version = doc["schema_version"]
-            event.correlation_id = doc["correlation_id"]
-            event.payload = doc["payload"]
-        except (KeyError, TypeError):
-            undecodable.append((message, _why_not_envelope(doc)))
-            continue
-        if event.id is None or event.aggregate_id is None or event.type is None:
-            undecodable.append((message, _why_not_envelope(doc)))
-            continue
+        if not reader.read(event, <bytes>value):
+            try:
+                doc = _loads(value)
+            except orjson.JSONDecodeError as exc:
+                undecodable.append((message, f"message value is not JSON: {exc}"))
+                offsets[(event.topic, event.partition)] = event.offset + 1
+                continue
+            try:
+                event.id = doc["id"]
+                event.type = doc["type"]
+                event.source = doc["source"]
+                event.aggregate_id = doc["aggregate_id"]
+                event.time = doc["time"]
+                event.schema_version = doc["schema_version"]
+                event.correlation_id = doc["correlation_id"]
+                event._payload = doc["payload"]
+            except (KeyError, TypeError):
+                undecodable.append((message, _why_not_envelope(doc)))
+                offsets[(event.topic, event.partition)] = event.offset + 1
+                continue
+            if event.id is None or event.aggregate_id is None or event.type is None:
+                undecodable.append((message, _why_not_envelope(doc)))
+                offsets[(event.topic, event.partition)] = event.offset + 1
+                continue
         event._message = message
         events.append(event)
+        offsets[(event.topic, event.partition)] = event.offset + 1
     return events, undecodable, errored, offsets
 
 

@@ -31,7 +31,9 @@ class ProducerConfig:
     bootstrap_servers: str
     source: str = "spina"
     lane: Lane = "bulk"
-    # None: 5 ms on the bulk lane (batches fill at high rates, a lone event waits at most this), 0 on priority.
+    # None: 25 ms on the bulk lane, 0 on priority. The broker's CPU goes per record batch (one per partition
+    # per request), not per event: at 100k events/s over 16 partitions 5 ms made ~30-event batches and cost
+    # the broker 8.4 µs per event, 25 ms 3.9 µs (benchmarks/README.md, events). A lone event waits at most this.
     linger_ms: float | None = None
     batch_size: int = 1_000_000
     # benchmarks/events.py on loopback: lz4 and none within noise of each other end to end, zstd slower. lz4
@@ -43,6 +45,12 @@ class ProducerConfig:
     # After this an unacknowledged event is reported failed, or PossiblyPersisted if it was in flight.
     delivery_timeout_ms: int = 120_000
     connect_timeout_s: float = 10.0
+    # "always": every event carries a W3C traceparent header. "caller": only the events published with a
+    # caller's traceparent; the others' is 00-<event id>-<id[16:]>-01, derived from the envelope by
+    # Event.traceparent, so the header carries nothing new, but a Kafka header costs the producer process
+    # ~2.5 µs per event (a third of its CPU, benchmarks/README.md, events). Tracing middleware other than
+    # Spina's consumer sees no header on those events (to it they start no trace).
+    trace_headers: Literal["always", "caller"] = "always"
     # Raw librdkafka settings, applied last (they win).
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -50,6 +58,8 @@ class ProducerConfig:
         if not self.bootstrap_servers:
             raise ValueError("bootstrap_servers is empty; expected host:port[,host:port...]")
         _check_lane(self.lane)
+        if self.trace_headers not in ("always", "caller"):
+            raise ValueError(f"trace_headers must be 'always' or 'caller', got {self.trace_headers!r}")
         if self.compression not in COMPRESSION_TYPES:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSION_TYPES)}, got {self.compression!r}")
         if self.linger_ms is not None and self.linger_ms < 0:
@@ -61,7 +71,7 @@ class ProducerConfig:
             raise ValueError("source is empty; it names the service publishing the events")
 
     def librdkafka(self) -> dict[str, Any]:
-        linger = self.linger_ms if self.linger_ms is not None else (0 if self.lane == "priority" else 5)
+        linger = self.linger_ms if self.linger_ms is not None else (0 if self.lane == "priority" else 25)
         return {
             "bootstrap.servers": self.bootstrap_servers,
             # Idempotence: retries after a lost ack write nothing twice and keep per-partition order.
@@ -97,9 +107,9 @@ class ConsumerConfig:
     # How long one fetch waits for a first event before looping (also bounds how fast stop() is seen).
     poll_timeout_s: float = 0.25
     # After the first event, how long to wait for the batch to fill. Every batch ends with a synchronous
-    # commit, and a commit costs the broker about 1 ms of CPU (benchmarks/events.py): on the bulk lane
-    # 20 ms of waiting turn hundreds of small commits per second into at most 50. None: 20 ms on bulk,
-    # 0 on priority (never waits).
+    # commit, which costs this broker 1-2.5 ms of CPU whatever the batch's size (benchmarks/README.md,
+    # events): 50 ms of waiting keep the bulk lane at 20 commits a second (the commit itself overlaps the next
+    # fetch, see EventConsumer). None: 50 ms on bulk, 0 on priority (never waits).
     batch_wait_s: float | None = None
     # Attempts per batch, then per event, before an event goes to the dead-letter topic.
     max_attempts: int = 3
@@ -149,7 +159,7 @@ class ConsumerConfig:
     def batch_wait(self) -> float:
         if self.batch_wait_s is not None:
             return self.batch_wait_s
-        return 0.0 if self.lane == "priority" else 0.02
+        return 0.0 if self.lane == "priority" else 0.05
 
     def librdkafka(self) -> dict[str, Any]:
         conf: dict[str, Any] = {

@@ -4,8 +4,10 @@ One fetch thread owns the librdkafka consumer (its rebalance callbacks run there
 the handler. Batches are handled one after the other, so when a rebalance callback runs no batch is in
 the handler and every finished batch's offsets are already stored: committing them on revoke hands the
 partition over without redelivering anything that was handled. An event's offset is stored only after
-its handler returned, or after it was written to ``<topic>.dlq``; a crash redelivers what was in the
-handler (and, with ``commit_mode`` "async" or "interval", what was handled since the last commit that landed).
+its handler returned, or after it was written to ``<topic>.dlq``. With the default ``commit_mode`` "batch"
+a batch's synchronous commit runs while the next batch is fetched and has landed before that batch reaches
+the handler, so a crash redelivers one batch: the one in the handler, or the last one handled if its commit
+was still in flight. With "async" or "interval", everything handled since the last commit that landed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -87,6 +89,10 @@ class EventConsumer:
         self._next_lag_update = 0.0
         self._batch_wait = config.batch_wait
         self._commit_mode = config.commit
+        # "batch" mode: the synchronous commit of the last batch runs on its own thread while the next batch
+        # is fetched, and is waited for before that batch reaches the handler (see _step).
+        self._committer: ThreadPoolExecutor | None = None
+        self._commit_in_flight: Future[None] | None = None
         self._rng = random.Random()
         self.assigned: set[tuple[str, int]] = set()
         self.handled = 0
@@ -102,6 +108,8 @@ class EventConsumer:
         executor = ThreadPoolExecutor(1, thread_name_prefix="spina-events-consumer")
         consumer = Consumer(self.config.librdkafka())
         self._consumer = consumer
+        if self._commit_mode == "batch":
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="spina-events-commit")
         pending: list[TopicPartition] = []
         subscribed = False
         try:
@@ -126,6 +134,9 @@ class EventConsumer:
                 await asyncio.shield(loop.run_in_executor(executor, self._close, pending if subscribed else []))
             finally:
                 executor.shutdown(wait=False)
+                if self._committer is not None:
+                    self._committer.shutdown(wait=False)
+                    self._committer = None
                 if self._dlq_producer is not None:
                     self._dlq_producer.flush(10)
                 self._consumer = None
@@ -135,20 +146,31 @@ class EventConsumer:
     def _step(self, offsets: list[TopicPartition]) -> list[Any]:
         consumer = self._consumer
         if offsets:
-            self._store(consumer, offsets)
-        now = time.monotonic()
-        if now >= self._next_lag_update:
-            self._next_lag_update = now + self.config.lag_interval_s
-            self._update_lag(consumer)
-        first = consumer.poll(self.config.poll_timeout_s)
-        if first is None:
-            return []
-        if self.config.max_batch == 1:
-            return [first]
-        # What else is fetched, waiting up to batch_wait for more (never on the priority lane).
-        return [first, *consumer.consume(self.config.max_batch - 1, self._batch_wait)]
+            self._store(consumer, offsets, overlap=True)
+        try:
+            now = time.monotonic()
+            if now >= self._next_lag_update:
+                self._next_lag_update = now + self.config.lag_interval_s
+                self._update_lag(consumer)
+            first = consumer.poll(self.config.poll_timeout_s)
+            if first is None:
+                return []
+            if self.config.max_batch == 1:
+                return [first]
+            # What else is fetched, waiting up to batch_wait for more (never on the priority lane).
+            return [first, *consumer.consume(self.config.max_batch - 1, self._batch_wait)]
+        finally:
+            # The previous batch's commit has landed (or failed and was logged) before the next batch can reach
+            # the handler: a crash redelivers either that batch (commit in flight) or the one in the handler,
+            # never both. The commit's round trip overlapped the fetch instead of preceding it.
+            self._settle_commit()
 
-    def _store(self, consumer: Any, offsets: list[TopicPartition]) -> None:
+    def _settle_commit(self) -> None:
+        if self._commit_in_flight is not None:
+            self._commit_in_flight.result()
+            self._commit_in_flight = None
+
+    def _store(self, consumer: Any, offsets: list[TopicPartition], overlap: bool = False) -> None:
         # A rebalance inside the consume() that completed the batch may have taken some of its partitions:
         # their new owners redeliver from the last commit (at-least-once), and nothing is committed for them.
         offsets = [tp for tp in offsets if (tp.topic, tp.partition) in self.assigned]
@@ -160,7 +182,9 @@ class EventConsumer:
             log.info("could not store offsets (partition reassigned?): %s", exc)
         for tp in offsets:
             self._positions[tp.topic, tp.partition] = tp.offset
-        if self._commit_mode != "interval":
+        if overlap and self._committer is not None:
+            self._commit_in_flight = self._committer.submit(self._commit, consumer, offsets)
+        elif self._commit_mode != "interval":
             self._commit(consumer, offsets, asynchronous=self._commit_mode == "async")
 
     @staticmethod
@@ -194,6 +218,7 @@ class EventConsumer:
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # No batch is in the handler now (see the module doc): every handled offset is stored, commit them
         # so the partition's next owner starts right after them.
+        self._settle_commit()
         self._commit(consumer)
         self._forget(partitions)
 
@@ -212,6 +237,7 @@ class EventConsumer:
 
     def _close(self, offsets: list[TopicPartition]) -> None:
         consumer = self._consumer
+        self._settle_commit()
         if offsets:
             self._store(consumer, offsets)
         if self._lag is not None:

@@ -4,7 +4,9 @@ The Kafka value is one JSON object with ``id``, ``type``, ``source``, ``aggregat
 UTC, milliseconds), ``schema_version``, ``correlation_id`` and ``payload`` (encoded with orjson). The Kafka
 key is the aggregate id, so one aggregate's events share one partition and keep their order. The W3C Trace
 Context ``traceparent`` travels in the Kafka headers (W3C Trace Context §3.2), where tracing middleware
-expects it. The per-event work is in ``spina_fast._events`` (Cython); this module checks and explains.
+expects it; an event published without one starts a trace named after it, ``00-<id>-<id[16:]>-01``, and
+with ``ProducerConfig(trace_headers="caller")`` that derived header is left out (Event.traceparent derives
+it). The per-event work is in ``spina_fast._events`` (Cython); this module checks and explains.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from spina_fast._events import EncodeError, EnvelopeWriter, Event, decode_batch
+from spina_fast._events import EncodedBatch, EncodeError, EnvelopeWriter, Event, decode_batch
 from spina_fast.errors import InvalidRequest
 
-__all__ = ["TRACEPARENT_HEADER", "Encoded", "EnvelopeEncoder", "EnvelopeError", "Event", "decode_batch",
+__all__ = ["TRACEPARENT_HEADER", "Encoded", "EncodedBatch", "EnvelopeEncoder", "EnvelopeError", "Event", "decode_batch",
            "validate_traceparent"]
 
 TRACEPARENT_HEADER = "traceparent"
@@ -40,11 +42,12 @@ def validate_traceparent(value: str) -> str:
 
 
 class EnvelopeEncoder:
-    """Builds envelopes for one producer (see EnvelopeWriter for ids and trace ids)."""
+    """Builds envelopes for one producer (see EnvelopeWriter for ids and trace ids). ``trace_headers=False``
+    sends a ``traceparent`` header only with the events whose caller gave one (see ProducerConfig)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, trace_headers: bool = True) -> None:
         self.source = source
-        self._writer = EnvelopeWriter(source)
+        self._writer = EnvelopeWriter(source, trace_headers)
         self._time_ms = -1
         self._time_text = ""
 
@@ -67,10 +70,10 @@ class EnvelopeEncoder:
                                  schema_version=schema_version, max_bytes=max_bytes)[0]
 
     def encode_batch(self, event_type: str, items: Iterable[Sequence[Any]], *, schema_version: int = 1,
-                     max_bytes: int = 0) -> list[Encoded]:
+                     max_bytes: int = 0) -> EncodedBatch:
         """Encodes ``(aggregate_id, payload[, correlation_id[, traceparent]])`` items in one pass; every event
         of the batch gets the same ``time``. Nothing is returned unless every item encodes; ``max_bytes`` > 0
-        refuses larger events (Kafka's message.max.bytes)."""
+        refuses larger events (Kafka's message.max.bytes). The result is a sequence of ``Encoded``."""
         if type(schema_version) is not int or schema_version < 1:
             raise InvalidRequest(f"schema_version must be a positive integer, got {schema_version!r}",
                                  field="schema_version")

@@ -31,7 +31,7 @@ from spina_fast._events import DeliveryCounter, ProduceFailed, produce_all
 from spina_fast.errors import InvalidRequest, NotFound, SpinaError, Unavailable
 from spina_fast.events._kafka import kafka_error, wait_for_cluster
 from spina_fast.events.config import ProducerConfig
-from spina_fast.events.envelope import Encoded, EnvelopeEncoder
+from spina_fast.events.envelope import EncodedBatch, EnvelopeEncoder
 from spina_fast.events.errors import DeliveryFailed, PossiblyPersisted
 from spina_fast.events.topics import validate_topic
 
@@ -120,7 +120,7 @@ class EventProducer:
 
     def __init__(self, config: ProducerConfig) -> None:
         self.config = config
-        self._encoder = EnvelopeEncoder(config.source)
+        self._encoder = EnvelopeEncoder(config.source, trace_headers=config.trace_headers == "always")
         self._producer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._known_topics: set[str] = set()
@@ -203,10 +203,10 @@ class EventProducer:
                       schema_version: int = 1) -> Delivery:
         """Publishes one event and returns once Kafka acknowledged it (DeliveryFailed / PossiblyPersisted if not)."""
         await self._check_topic(topic)
-        key, value, headers = self._encoder.encode(event_type or topic, aggregate_id, payload,
-                                                   correlation_id=correlation_id, traceparent=traceparent,
-                                                   schema_version=schema_version,
-                                                   max_bytes=self.config.message_max_bytes)
+        item = (aggregate_id, payload, correlation_id, traceparent)
+        encoded = self._encoder.encode_batch(event_type or topic, [item], schema_version=schema_version,
+                                             max_bytes=self.config.message_max_bytes)
+        key, value = encoded.keys[0], encoded.values[0]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Delivery] = loop.create_future()
         event_id: str = orjson.loads(value)["id"]
@@ -219,7 +219,7 @@ class EventProducer:
                 outcome = _delivery_error(topic, key, value, error)
             loop.call_soon_threadsafe(_settle, future, outcome)
 
-        await self._enqueue(topic, [(key, value, headers)], on_delivery, None)
+        await self._enqueue(topic, encoded, on_delivery, None)
         return await future
 
     async def publish_batch(self, topic: str, items: Iterable[Sequence[Any]], *, event_type: str | None = None,
@@ -256,7 +256,7 @@ class EventProducer:
                                              max_bytes=self.config.message_max_bytes)
         await self._enqueue(topic, encoded, None, None)
 
-    async def _enqueue(self, topic: str, encoded: list[Encoded], on_delivery: Any,
+    async def _enqueue(self, topic: str, encoded: EncodedBatch, on_delivery: Any,
                        tracker: _BatchTracker | None) -> None:
         producer = self._require_started()
         position = 0
@@ -274,12 +274,12 @@ class EventProducer:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _ROOM_BACKOFF_S[1])
 
-    def _refused(self, topic: str, encoded: list[Encoded], position: int, cause: BaseException,
+    def _refused(self, topic: str, encoded: EncodedBatch, position: int, cause: BaseException,
                  tracker: _BatchTracker | None) -> None:
         """produce() refused encoded[position]: raise if nothing of the batch is queued, else report the rest
         failed (the queued part will report by itself)."""
         error = kafka_error(cause)
-        key, value, _headers = encoded[position]
+        key, value = encoded.keys[position], encoded.values[position]
         if tracker is not None and position > 0:
             tracker.counter.not_sent(len(encoded) - position, error or KafkaError(KafkaError._FAIL, str(cause)),
                                      key, value)

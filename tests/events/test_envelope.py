@@ -6,6 +6,7 @@ import re
 
 import orjson
 import pytest
+from confluent_kafka import Message
 
 from spina_fast import _events
 from spina_fast.errors import InvalidRequest
@@ -127,3 +128,59 @@ def test_lanes_are_tuned_differently() -> None:
     assert ConsumerConfig("h:1", "g", lane="priority").librdkafka()["fetch.wait.max.ms"] <= 10
     with pytest.raises(ValueError, match="max_attempts must be positive"):
         ConsumerConfig("h:1", "g", max_attempts=0)
+
+
+def _message(value: bytes | None, offset: int = 0) -> Message:
+    return Message(topic="a.b.c", partition=2, offset=offset, key=b"agg", value=value,
+                   headers=[("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
+
+
+def test_envelopes_decode_alike_from_spina_and_from_other_writers() -> None:
+    """Spina's own layout is read without orjson (payload decoded on use); an envelope another writer built
+    (other field order, whitespace, escapes) goes through orjson: both give the same Events."""
+    tricky = ['agg\\1', 'agg"2', "agg\n3", "ünï", "plain"]
+    encoded = EnvelopeEncoder('svc "q"').encode_batch("a.b.c", [(agg, {"n": i, "s": agg}, None if i % 2 else f"c{i}")
+                                                                for i, agg in enumerate(tricky)], schema_version=3)
+    ours = [_message(value, offset) for offset, (_key, value, _headers) in enumerate(encoded)]
+    theirs = [_message(orjson.dumps(dict(reversed(list(orjson.loads(m.value()).items()))),
+                                    option=orjson.OPT_INDENT_2), m.offset()) for m in ours]
+    decoded = [_events.decode_batch(messages) for messages in (ours, theirs)]
+    for events, undecodable, errored, offsets in decoded:
+        assert not undecodable and not errored and offsets == {("a.b.c", 2): len(tricky)}
+        assert [e.aggregate_id for e in events] == tricky
+        assert [e.payload for e in events] == [{"n": i, "s": agg} for i, agg in enumerate(tricky)]
+        assert [e.correlation_id for e in events] == [None if i % 2 else f"c{i}" for i in range(len(tricky))]
+        assert {(e.type, e.source, e.schema_version) for e in events} == {("a.b.c", 'svc "q"', 3)}
+        assert events[0].traceparent == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert [e.id for e in decoded[0][0]] == [e.id for e in decoded[1][0]]
+
+
+def test_values_that_are_not_envelopes_are_undecodable_and_a_bad_payload_fails_on_use() -> None:
+    good = EnvelopeEncoder("svc").encode("a.b.c", "agg", {"n": 1})[1]
+    broken_payload = good[:-2] + b",}"  # the head is an envelope's, the payload is not JSON
+    events, undecodable, _errored, offsets = _events.decode_batch(
+        [_message(b"{not json", 0), _message(None, 1), _message(b'{"id":null,"type":"t"}', 2),
+         _message(broken_payload, 3)])
+    reasons = [reason for _message_, reason in undecodable]
+    assert reasons[0].startswith("message value is not JSON") and "tombstone" in reasons[1]
+    assert reasons[2].startswith("not a Spina event envelope: missing source")
+    assert offsets == {("a.b.c", 2): 4}
+    [event] = events
+    with pytest.raises(orjson.JSONDecodeError):
+        event.payload  # noqa: B018 - the access is what fails
+
+
+def test_trace_headers_caller_sends_only_callers_traceparents_and_the_reader_derives_the_rest() -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    sent = EnvelopeEncoder("svc").encode_batch("a.b.c", [("agg", {}), ("agg", {}, None, parent)])
+    lean = EnvelopeEncoder("svc", trace_headers=False).encode_batch("a.b.c", [("agg", {}), ("agg", {}, None, parent)])
+    assert [headers for _k, _v, headers in lean] == [[], [("traceparent", parent.encode())]]
+    for encoded in (sent, lean):
+        messages = [Message(topic="a.b.c", partition=0, offset=i, key=key, value=value, headers=headers or None)
+                    for i, (key, value, headers) in enumerate(encoded)]
+        events = _events.decode_batch(messages)[0]
+        assert events[0].traceparent == f"00-{events[0].id}-{events[0].id[16:]}-01"
+        assert events[1].traceparent == parent
+    assert _events.decode_batch([_message(sent[0][1])])[0][0].traceparent.startswith("00-4bf92f")  # header wins
+    with pytest.raises(ValueError, match="trace_headers must be 'always' or 'caller'"):
+        ProducerConfig("h:1", trace_headers="never")  # type: ignore[arg-type]

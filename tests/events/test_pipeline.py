@@ -120,6 +120,26 @@ async def test_single_publish_returns_its_offset_and_stream_delivers(kafka_boots
     assert dict(first.headers())["traceparent"].startswith(b"00-" + delivery.event_id.encode())
 
 
+async def test_lean_trace_headers_reach_kafka_only_for_callers_traces(kafka_bootstrap: str,
+                                                                      make_topic: Callable[..., str]) -> None:
+    topic = make_topic("traced", partitions=1)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    config = ProducerConfig(kafka_bootstrap, trace_headers="caller")
+    async with EventProducer(config) as producer:
+        (await producer.publish_batch(topic, [("a", {"n": 0}), ("a", {"n": 1}, None, parent)])).raise_for_failures()
+    # What a plain confluent-kafka reader (e.g. tracing middleware) sees:
+    headers = [m.headers() for m in read_all(kafka_bootstrap, topic, expected=2)]
+    assert headers == [None, [("traceparent", parent.encode())]]
+    received: list[Event] = []
+    consumer = EventConsumer(consumer_config(kafka_bootstrap), [topic], received.extend, registry=CollectorRegistry())
+    task = asyncio.create_task(consumer.run())
+    await wait_until(lambda: len(received) == 2, "both events")
+    consumer.stop()
+    await task
+    assert received[0].traceparent == f"00-{received[0].id}-{received[0].id[16:]}-01"
+    assert received[1].traceparent == parent
+
+
 async def test_a_full_local_queue_makes_publishing_wait_and_drops_nothing(kafka_bootstrap: str,
                                                                          make_topic: Callable[..., str]) -> None:
     topic = make_topic("queued", partitions=4)
