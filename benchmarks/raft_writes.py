@@ -7,31 +7,33 @@
 2. Over HTTP, 3 separate server processes each, fsync on: Spina's `PUT /v1/kv/<key>` vs etcd's JSON gateway
    `POST /v3/kv/put`, both driven by the same C load generator (wrk -t1, C connections, a Lua script per
    system) at the leader, the two clusters taking turns within each round. Then each at half its own peak
-   rate under an open-loop generator (pipelined raw sockets; latency counted from when a write was due).
+   rate under an open-loop generator (open_loop.c: pipelined raw sockets; latency counted from when a write
+   was due).
 
 Every run is checked: the keys written are read back from a follower (Spina, etcd) or every replica
 (PySyncObj) and must hold the values written.
 
     python benchmarks/raft_writes.py [--writes 20000] [--http-duration 8] [--concurrency 64] [--runs 3]
                                      [--skip-inprocess | --skip-http] [--json]
-Needs: pip install pysyncobj; etcd and wrk (Debian: apt-get install etcd-server wrk) for part 2.
+Needs: pip install pysyncobj; etcd, wrk and a C compiler (Debian: apt-get install etcd-server wrk gcc) for part 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import base64
 import gc
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +307,7 @@ class HttpSystem:
     lua: str
     raw_request: Callable[[str, int, int], bytes]  # (prefix, index, size) -> one HTTP/1.1 request
     read_back: Callable[[str, int], bytes]  # (prefix, index) -> the value a follower holds
+    term: Callable[[], int]  # the Raft term the node we drive is in: a change during a run is a new election
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the cluster's processes have used so far, with their finished children's
@@ -357,7 +360,10 @@ def start_spina(base: Path, extra_args: tuple[str, ...] = ()) -> HttpSystem:
     def read_back(prefix: str, index: int) -> bytes:
         return _wait_http(f"http://127.0.0.1:{follower_port}/v1/kv/{prefix}/{index}?raw&consistent")
 
-    return HttpSystem("spina", processes, leader_port, _LUA_SPINA, raw_request, read_back)
+    def term() -> int:
+        return int(orjson.loads(_wait_http(f"http://127.0.0.1:{leader_port}/v1/spina/raft/status"))["term"])
+
+    return HttpSystem("spina", processes, leader_port, _LUA_SPINA, raw_request, read_back, term)
 
 
 def start_etcd(base: Path) -> HttpSystem:
@@ -410,8 +416,13 @@ def start_etcd(base: Path) -> HttpSystem:
                                         orjson.dumps({"key": b64(f"{prefix}/{index}".encode())})))
         return base64.b64decode(reply["kvs"][0]["value"]) if reply.get("kvs") else b""
 
+    def term() -> int:
+        status = orjson.loads(_wait_http(f"http://127.0.0.1:{leader_port}/v3/maintenance/status", "POST", b"{}"))
+        return int(status["raftTerm"])
+
     version = subprocess.run([etcd, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return HttpSystem(version.replace("Version: ", ""), processes, leader_port, _LUA_ETCD, raw_request, read_back)
+    return HttpSystem(version.replace("Version: ", ""), processes, leader_port, _LUA_ETCD, raw_request, read_back,
+                      term)
 
 
 def _wrk_ms(text: str) -> float:
@@ -430,9 +441,10 @@ def run_wrk(system: HttpSystem, prefix: str, args: argparse.Namespace, duration:
                       .replace("@STEM@", str(VALUE_STEM_BYTES)))
     command = ["wrk", "-t1", f"-c{args.concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "10s",
                "-s", str(script), f"http://127.0.0.1:{system.leader_port}/"]
-    used = system.cpu_seconds()
+    used, term = system.cpu_seconds(), system.term()
     output = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
     cpu = system.cpu_seconds() - used
+    elections = system.term() - term
     if "Socket errors" in output or "Non-2xx or 3xx responses" in output:
         raise WrongAnswer(f"{system.name}: wrk saw errors:\n{output}")
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
@@ -443,7 +455,7 @@ def run_wrk(system: HttpSystem, prefix: str, args: argparse.Namespace, duration:
         raise RuntimeError(f"cannot read wrk's output:\n{output}")
     writes = int(count.group(1))
     return {"writes_per_s": float(rate.group(1)), "p50_ms": _wrk_ms(p50.group(1)), "p99_ms": _wrk_ms(p99.group(1)),
-            "writes": writes, "cpu_us_per_write": cpu / max(writes, 1) * 1e6}
+            "writes": writes, "cpu_us_per_write": cpu / max(writes, 1) * 1e6, "elections": elections}
 
 
 def verify_http(system: HttpSystem, prefix: str, answered: int, args: argparse.Namespace) -> None:
@@ -457,84 +469,47 @@ def verify_http(system: HttpSystem, prefix: str, answered: int, args: argparse.N
             raise WrongAnswer(f"{system.name}: a follower returned {got[:40]!r} for {prefix}/{index}")
 
 
-class _OpenLoopConnection(asyncio.Protocol):
-    """One pipelined connection of the open-loop generator: answers come back in request order (HTTP/1.1)."""
-
-    def __init__(self, latencies: list[float], failures: list[bytes]) -> None:
-        self.due: deque[float] = deque()
-        self._buffer = bytearray()
-        self._latencies = latencies
-        self._failures = failures
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        buffer = self._buffer
-        buffer += data
-        while True:
-            head_end = buffer.find(b"\r\n\r\n")
-            if head_end < 0:
-                return
-            length = _CONTENT_LENGTH.search(buffer, 0, head_end)
-            if length is None:
-                raise WrongAnswer(f"an answer without Content-Length: {bytes(buffer[:head_end])!r}")
-            end = head_end + 4 + int(length.group(1))
-            if len(buffer) < end:
-                return
-            if buffer[9:12] != b"200":
-                self._failures.append(bytes(buffer[:end]))
-            del buffer[:end]
-            self._latencies.append(now - self.due.popleft())
+def build_open_loop(workdir: Path) -> Path:
+    """Compile the open-loop generator (open_loop.c, beside this script) into ``workdir``."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("the open-loop generator needs a C compiler (apt-get install gcc)")
+    binary = workdir / "open_loop"
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(Path(__file__).with_name("open_loop.c"))], check=True)
+    return binary
 
 
-_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
-
-
-async def open_loop(system: HttpSystem, prefix: str, rate: float, count: int,
-                    args: argparse.Namespace) -> dict[str, float]:
+def open_loop(system: HttpSystem, generator: Path, prefix: str, rate: float, count: int,
+              args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """``count`` writes at ``rate``/s on ``args.concurrency`` pipelined connections, whether or not earlier ones
     were answered (wrk's closed loop would slow down with the server and hide its stalls). Latency runs from
-    the moment a write was due, so a late generator counts against the server, never for it."""
-    loop = asyncio.get_running_loop()
-    latencies: list[float] = []
-    failures: list[bytes] = []
-    connections = []
-    for _ in range(args.concurrency):
-        _, protocol = await loop.create_connection(lambda: _OpenLoopConnection(latencies, failures),
-                                                   "127.0.0.1", system.leader_port)
-        connections.append(protocol)
-    requests = [system.raw_request(prefix, index, args.payload) for index in range(count)]
-    used = system.cpu_seconds()
-    started = time.monotonic() + 0.01
-    lag = 0.0
-    for index, request in enumerate(requests):
-        due = started + index / rate
-        now = time.monotonic()
-        if due > now:
-            await asyncio.sleep(due - now)
-        else:
-            lag = max(lag, now - due)
-        connection = connections[index % len(connections)]
-        connection.due.append(due)
-        assert connection.transport is not None
-        connection.transport.write(request)
-    deadline = time.monotonic() + 30
-    while len(latencies) + len(failures) < count:
-        if time.monotonic() > deadline:
-            raise WrongAnswer(f"{system.name}: {count - len(latencies)} open-loop writes never answered")
-        await asyncio.sleep(0.01)
-    elapsed = time.monotonic() - started
+    the moment a write was due, so a late generator counts against the server, never for it. The generator is
+    a small C program (open_loop.c): at these rates a Python one took a good part of a core, on a machine whose
+    two cores also run the three servers."""
+    requests = workdir / f"{prefix}.requests"
+    latencies_file = workdir / f"{prefix}.latencies"
+    with requests.open("wb") as file:
+        for index in range(count):
+            request = system.raw_request(prefix, index, args.payload)
+            file.write(struct.pack("<I", len(request)))
+            file.write(request)
+    used, term = system.cpu_seconds(), system.term()
+    command = [str(generator), "127.0.0.1", str(system.leader_port), str(args.concurrency), f"{rate:.3f}",
+               str(requests), str(latencies_file)]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=count / rate + 60)
     cpu = system.cpu_seconds() - used
-    for connection in connections:
-        assert connection.transport is not None
-        connection.transport.close()
-    if failures:
-        raise WrongAnswer(f"{system.name}: {len(failures)} open-loop writes failed, e.g. {failures[0][:300]!r}")
-    return {**summarize(latencies, elapsed), "rate": rate, "generator_max_lag_ms": lag * 1000,
-            "cpu_us_per_write": cpu / count * 1e6}
+    elections = system.term() - term
+    if output.returncode != 0:
+        raise WrongAnswer(f"{system.name}: the open-loop generator failed ({output.returncode}): {output.stderr}")
+    report = orjson.loads(output.stdout)
+    if report["failures"]:
+        raise WrongAnswer(f"{system.name}: {report['failures']} open-loop writes failed, e.g. "
+                          f"{report['first_failure']!r}")
+    latencies = array.array("d", latencies_file.read_bytes()).tolist()
+    requests.unlink()
+    latencies_file.unlink()
+    return {**summarize(latencies, report["elapsed"]), "rate": rate, "generator_max_lag_ms": report["max_lag"] * 1000,
+            "cpu_us_per_write": cpu / count * 1e6, "elections": elections}
 
 
 def bench_http(args: argparse.Namespace) -> dict[str, Any]:
@@ -542,7 +517,6 @@ def bench_http(args: argparse.Namespace) -> dict[str, Any]:
     machine's changing load weighs on both alike. Then each at half its own median peak, open loop."""
     if shutil.which("wrk") is None:
         raise RuntimeError("the HTTP comparison needs wrk (apt-get install wrk)")
-    import uvloop
 
     base = Path(tempfile.mkdtemp(prefix="bench-raft-http-"))
     systems: list[HttpSystem] = []
@@ -551,6 +525,7 @@ def bench_http(args: argparse.Namespace) -> dict[str, Any]:
         systems.append(start_etcd(base / "etcd"))
         runs: dict[str, list[dict[str, float]]] = {system.name: [] for system in systems}
         half: dict[str, list[dict[str, float]]] = {system.name: [] for system in systems}
+        generator = build_open_loop(base)
         for system in systems:
             run_wrk(system, "warmup", args, 2, base)
         for run in range(args.runs):
@@ -562,7 +537,7 @@ def bench_http(args: argparse.Namespace) -> dict[str, Any]:
             for system in systems if run % 2 == 0 else systems[::-1]:
                 rate = median([r["writes_per_s"] for r in runs[system.name]]) / 2
                 count = max(1000, int(rate * args.http_duration))
-                result = uvloop.run(open_loop(system, f"h{run}", rate, count, args))
+                result = open_loop(system, generator, f"h{run}", rate, count, args, base)
                 verify_http(system, f"h{run}", count + args.concurrency, args)
                 half[system.name].append(result)
         return {"systems": [system.name for system in systems], "runs": runs, "half_load_runs": half}
@@ -628,6 +603,10 @@ def main() -> int:
             # Each round timed both: the median of the per-round ratios is steadier than the ratio of medians.
             "ratio": median([s["writes_per_s"] / e["writes_per_s"] for s, e in zip(spina_runs, etcd_runs,
                                                                                     strict=True)]),
+            # Leader elections during the timed runs (the term of the node driven moved): each can make a p99.
+            "elections": {key: int(sum(run["elections"] for run in [*http["runs"][name],
+                                                                    *http["half_load_runs"][name]]))
+                          for key, name in (("spina", spina_name), ("etcd", etcd_name))},
         }
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -668,7 +647,8 @@ def main() -> int:
         print_table(f"HTTP, 3 server processes each, fsync on, {http_report['driver']}; then open loop at half "
                     "the system's own peak", ["system", "writes/s", "p50 ms", "p99 ms", "server CPU µs/write",
                                               "half load", "p50 ms", "p99 ms"], rows)
-        print(f"ratio spina / etcd (median of per-round ratios): {http_report['ratio']:.2f}x")
+        print(f"ratio spina / etcd (median of per-round ratios): {http_report['ratio']:.2f}x; elections during the "
+              f"timed runs: spina {http_report['elections']['spina']}, etcd {http_report['elections']['etcd']}")
     return 0
 
 

@@ -32,6 +32,28 @@ def encode_registry_batch(commands: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
+_SNAPSHOT_MAGIC = b"SPINA-STATE-1\n"
+_PART_LENGTH = struct.Struct(">Q")
+
+
+def _split_snapshot(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The KV, configuration and registry parts of a binary snapshot."""
+    parts = []
+    position = len(_SNAPSHOT_MAGIC)
+    for name in ("kv", "config", "registry"):
+        if position + _PART_LENGTH.size > len(data):
+            raise ValueError(f"state snapshot cut short before its {name} part")
+        (size,) = _PART_LENGTH.unpack_from(data, position)
+        position += _PART_LENGTH.size
+        if position + size > len(data):
+            raise ValueError(f"state snapshot cut short in its {name} part")
+        parts.append(data[position:position + size])
+        position += size
+    if position != len(data):
+        raise ValueError(f"{len(data) - position} bytes after the state snapshot's last part")
+    return parts[0], parts[1], parts[2]
+
+
 def _split_batch(payload: bytes) -> list[memoryview]:
     view = memoryview(payload)
     commands, position = [], 0
@@ -83,17 +105,28 @@ class ReplicatedState:
                 self.registry_watches.notify(changed)
 
     def snapshot(self) -> bytes:
-        return orjson.dumps({"kv": self.kv.snapshot().decode(), "config": self.config.snapshot().decode(),
-                             "registry": base64.b64encode(self.registry.snapshot()).decode()})
+        # Binary parts side by side, none re-encoded: the KV is most of a large state, and its JSON (hex values,
+        # then escaped again inside this document) cost a forked snapshot child about 1 s of CPU at 300k keys.
+        parts = [_SNAPSHOT_MAGIC]
+        for part in (self.kv.snapshot_binary(), self.config.snapshot(), self.registry.snapshot()):
+            parts.append(_PART_LENGTH.pack(len(part)))
+            parts.append(part)
+        return b"".join(parts)
 
     def restore(self, data: bytes) -> None:
-        document = orjson.loads(data)
-        self.kv.restore(document["kv"].encode())
-        # Snapshots from before configuration history have no "config" part: restore an empty one.
-        config = document["config"].encode() if "config" in document else ConfigStore(self.kv).snapshot()
-        self.config.restore(config)
-        registry = document.get("registry")
-        self.registry.restore(base64.b64decode(registry) if registry else RegistryStore().snapshot())
+        if data.startswith(_SNAPSHOT_MAGIC):
+            kv, config, registry = _split_snapshot(data)
+            self.kv.restore(kv)
+            self.config.restore(config)
+            self.registry.restore(registry)
+        else:  # the JSON document snapshots were before
+            document = orjson.loads(data)
+            self.kv.restore(document["kv"].encode())
+            # Snapshots from before configuration history have no "config" part: restore an empty one.
+            config = document["config"].encode() if "config" in document else ConfigStore(self.kv).snapshot()
+            self.config.restore(config)
+            registry_part = document.get("registry")
+            self.registry.restore(base64.b64decode(registry_part) if registry_part else RegistryStore().snapshot())
         changed = self.registry.take_changed()
         for listener in self.registry_listeners:
             listener(changed)

@@ -17,6 +17,11 @@ lookup or a KV read that neither blocks nor needs a barrier) is answered from th
 the index it was read at holds, with the read headers and Date of the moment, and counted in the same metrics.
 The first request the lane does not vouch for, and everything after it, takes the general path below.
 
+KV writes (``PUT``/``DELETE /v1/kv/<key>``) are proposed to Raft as they are parsed, in request order, and
+answered from their future's done callback (no task or coroutine per write); a ``true``/``false`` answer is a
+prebuilt response. Any other request behind unanswered writes on the connection waits until they are answered,
+so it sees them, as it would from a server that serves a connection one request at a time.
+
 HTTP/1.1 as RFC 9112 wants it: keep-alive by default (HTTP/1.0 only on request), pipelined requests
 answered in order even when a later one finishes first (a queue of response slots, written in one
 ``transport.write`` per batch), Content-Length bodies, ``Expect: 100-continue``, size limits answered
@@ -32,12 +37,15 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
+
+import orjson
 
 from spina_fast._http import FastLane, RequestHead, encode_response, parse_head, parse_query
 from spina_fast.api import kv, registry
 from spina_fast.api.http import INTERNAL_ERROR, ROUTE_STATUS_LEADER, ROUTE_STATUS_PEERS, status_leader, status_peers
-from spina_fast.api.responses import Reply, spina_error_reply
+from spina_fast.api.responses import JSON, Reply, json_reply, spina_error_reply
 from spina_fast.config import HostPort
 from spina_fast.errors import MalformedRequest, SpinaError
 from spina_fast.observability.metrics import LATENCY_BUCKETS, SourceSample
@@ -75,6 +83,8 @@ _EXACT_GET_PATHS = {ROUTE_STATUS_LEADER: _ROUTE_LEADER, ROUTE_STATUS_PEERS: _ROU
 _NAMED_LOOKUPS = (("/v1/health/service/", registry.HEALTH), ("/v1/catalog/service/", registry.CATALOG_SERVICE),
                   ("/v1/spina/services/", registry.NATIVE))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TRUE, _FALSE = orjson.dumps(True), orjson.dumps(False)
+_WRITE_METHODS = frozenset(("PUT", "DELETE"))
 # Lookups whose answer is a function of the registry's index alone, which the fast lane may replay
 # (the native query is not: it carries the leader-local load), and those whose index is the catalog's.
 _LANE_KINDS = frozenset((registry.HEALTH, registry.CATALOG_SERVICE, registry.CATALOG_SERVICES,
@@ -115,6 +125,8 @@ class FastHTTPServer:
         # Repeated reads are answered from here before the general path sees them (see _http.pyx).
         self.lane = FastLane(LATENCY_BUCKETS)
         self.date: Callable[[], bytes] = self.lane.date
+        self._write_answers: dict[tuple[bool, bool, bool], bytes] = {}
+        self._write_answers_date = b""
         agent.metrics.http.add_source(self._lane_metrics)
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> HostPort:
@@ -134,6 +146,20 @@ class FastHTTPServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    def write_answer(self, result: bool, http11: bool, keep_alive: bool) -> bytes:
+        """The whole response to a KV write that answered ``result``: built once per second (its Date) and
+        shape."""
+        date = self.date()
+        if date is not self._write_answers_date:
+            self._write_answers_date = date
+            self._write_answers.clear()
+        key = (result, http11, keep_alive)
+        data = self._write_answers.get(key)
+        if data is None:
+            data = self._write_answers[key] = encode_response(200, _TRUE if result else _FALSE, JSON, None, date,
+                                                            http11, keep_alive)
+        return data
 
     def _lane_metrics(self) -> list[SourceSample]:
         return [("GET", _LANE_ROUTES[slot], 200, count, buckets, seconds)
@@ -161,6 +187,8 @@ class FastHTTPProtocol(asyncio.Protocol):
         self._write_paused = False
         self._reading_paused = False
         self._backlogged = False  # requests wait in the buffer for the pipeline to drain
+        self._flush_scheduled = False
+        self._writes_pending = 0  # KV writes proposed on this connection and not answered yet
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -263,6 +291,14 @@ class FastHTTPProtocol(asyncio.Protocol):
                 if not route:
                     self._hand_over(memoryview(data)[offset:])
                     return
+                if self._writes_pending and not (route == _ROUTE_KV and head.method in _WRITE_METHODS):
+                    # A request sees the effects of the writes sent before it on the connection (as a server
+                    # answering one request at a time would show it): it waits in the buffer until they are
+                    # answered. Writes need not wait: they are proposed, so applied, in the order sent.
+                    self._backlogged = True
+                    self._buffer += memoryview(data)[offset:]
+                    self._update_reading()
+                    return
                 offset = head.end
                 if not self._start_body(head, route, size - offset):
                     continue
@@ -335,12 +371,14 @@ class FastHTTPProtocol(asyncio.Protocol):
                     else:
                         self._await(head, route, started, kv.get(agent, key, query))
                         return
-                elif method == "PUT":
-                    self._await(head, route, started, kv.put(agent, key, query, body))
-                    return
                 else:
-                    self._await(head, route, started, kv.delete(agent, key, query))
-                    return
+                    command = kv.put_command(key, query, body) if method == "PUT" else kv.delete_command(key, query)
+                    if isinstance(command, Reply):
+                        reply = command
+                    else:
+                        # Proposed now, in request order: pipelined writes reach the log in the order sent.
+                        self._await_write(head, started, agent.node.submit(command))
+                        return
             elif route >= _ROUTE_DISCOVERY:
                 kind = route - _ROUTE_DISCOVERY
                 name = head.path.rpartition("/")[2]
@@ -394,6 +432,48 @@ class FastHTTPProtocol(asyncio.Protocol):
         task = self._loop.create_task(self._finish(slot, head, route, started, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _await_write(self, head: RequestHead, started: float, future: asyncio.Future[Any]) -> None:
+        """A write's answer comes from a done callback on its Raft future: no task, no coroutine per write."""
+        slot = _Slot()
+        self._queue.append(slot)
+        self._writes_pending += 1
+        if not head.keep_alive:
+            self._queue.append(_CLOSE)
+            self._closing = True
+        future.add_done_callback(partial(self._finish_write, slot, head, started))
+
+    def _finish_write(self, slot: _Slot, head: RequestHead, started: float, future: asyncio.Future[Any]) -> None:
+        self._writes_pending -= 1
+        if self._transport is None:
+            return  # the client left; the write commits or not all the same
+        try:
+            result = future.result()
+        except SpinaError as exc:
+            reply = spina_error_reply(exc)
+        except Exception:
+            log.exception("request failed", extra={"path": head.path})
+            reply = INTERNAL_ERROR
+        else:
+            if result is True or result is False:
+                slot.data = self._server.write_answer(result, head.http11, head.keep_alive)
+                self._agent.metrics.observe_http(head.method, kv.ROUTE, 200, time.perf_counter() - started)
+                self._flush_soon()
+                return
+            reply = json_reply(result)
+        slot.data = self._encode(head, _ROUTE_KV, reply, started, head.keep_alive)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        # Every write a Ready commits is answered in the same loop turn: one transport write per connection
+        # for all of them (pipelined requests), after the last.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     async def _finish(self, slot: _Slot, head: RequestHead, route: int, started: float,
                       work: Coroutine[Any, Any, Reply]) -> None:

@@ -143,17 +143,29 @@ async def put(agent: Agent, key: str, query: Query, value: bytes, *, author: str
               description: str = "") -> Reply:
     """The PUT once ``check_put`` let it through and its body is read. ``author`` and ``description``
     (X-Spina-Author / X-Spina-Description) go into the configuration history for keys under config/."""
+    command = put_command(key, query, value, author=author, description=description)
+    if isinstance(command, Reply):
+        return command
+    return json_reply(await agent.node.propose(command))
+
+
+def put_command(key: str, query: Query, value: bytes, *, author: str = "", description: str = "") -> bytes | Reply:
+    """The Raft command of a PUT once ``check_put`` let it through and its body is read, or its error reply
+    (413); a bad key or query raises ``InvalidRequest``."""
     if len(value) > MAX_VALUE_BYTES:
         return _too_large(len(value))
-    command = encode_put(key, value, flags=parse_uint(query, "flags") or 0, cas=parse_uint(query, "cas"),
-                         author=author, description=description)
-    return json_reply(await agent.node.propose(MODULE_KV + command))
+    return MODULE_KV + encode_put(key, value, flags=parse_uint(query, "flags") or 0, cas=parse_uint(query, "cas"),
+                                  author=author, description=description)
 
 
 async def delete(agent: Agent, key: str, query: Query, *, author: str = "", description: str = "") -> Reply:
-    command = encode_delete(key, recurse="recurse" in query, cas=parse_uint(query, "cas"), author=author,
-                            description=description)
-    return json_reply(await agent.node.propose(MODULE_KV + command))
+    return json_reply(await agent.node.propose(delete_command(key, query, author=author, description=description)))
+
+
+def delete_command(key: str, query: Query, *, author: str = "", description: str = "") -> bytes:
+    """The Raft command of a DELETE; a bad key or query raises ``InvalidRequest``."""
+    return MODULE_KV + encode_delete(key, recurse="recurse" in query, cas=parse_uint(query, "cas"), author=author,
+                                     description=description)
 
 
 # --- the aiohttp routes --------------------------------------------------------------------------------------
@@ -188,4 +200,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/kv/{key:.*}", _kv_delete)
 
 
-__all__ = ["ROUTE", "add_routes", "answers_at_once", "check_put", "delete", "get", "put", "read"]
+__all__ = ["ROUTE", "add_routes", "answers_at_once", "check_put", "delete", "delete_command", "get", "put",
+           "put_command", "read"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import orjson
 from sortedcontainers import SortedList
 
+from spina_fast._kv import decode_entries, encode_entries, is_encoded
 from spina_fast.errors import InvalidRequest
 
 MAX_VALUE_BYTES = 512 * 1024
@@ -308,7 +309,16 @@ class KVStore:
                         ((name, self._entries[name]) for name in self._sorted_keys)],
         })
 
+    def snapshot_binary(self) -> bytes:
+        """The same state in the binary layout of ``_kv.pyx`` (an order of magnitude cheaper to write and read);
+        ``restore`` takes either."""
+        return encode_entries(self.index, self._sorted_keys, self._entries)
+
     def restore(self, data: bytes) -> None:
+        if is_encoded(data):
+            self.index, self._entries = decode_entries(data)
+            self._sorted_keys = SortedList(self._entries)
+            return
         document = orjson.loads(data)
         self._entries = {key: (bytes.fromhex(value), flags, created, modified)
                          for key, value, flags, created, modified in document["entries"]}
