@@ -986,6 +986,24 @@ cdef void _link_batch(mmsghdr* received, mmsghdr* replies, iovec* received_iov, 
         replies[slot].msg_hdr.msg_iovlen = 1
 
 
+cdef int _send_batch(int fd, mmsghdr* replies, int pending) noexcept nogil:
+    """Send ``pending`` prepared answers with sendmmsg; the number that could not be sent."""
+    cdef int offset = 0, sent, failures = 0
+    while offset < pending:
+        sent = sendmmsg(fd, replies + offset, pending - offset, MSG_DONTWAIT)
+        if sent > 0:
+            offset += sent
+        elif errno == EINTR:
+            continue
+        elif errno == EAGAIN:  # EWOULDBLOCK on Linux too
+            # The send buffer is full: UDP may lose answers, the client asks again.
+            return failures + pending - offset
+        else:
+            failures += 1  # this peer's address was refused; the rest still go out
+            offset += 1
+    return failures
+
+
 cdef class UDPResponder:
     """Drains a non-blocking UDP socket with ``recvmmsg`` and answers a whole batch with one ``sendmmsg``: one
     pair of system calls and no Python frame per datagram. ``drain`` is the event loop's reader callback for
@@ -1021,7 +1039,7 @@ cdef class UDPResponder:
 
     def drain(self) -> int:
         """Answer what the socket holds (up to MAX_DRAIN datagrams); returns how many were read."""
-        cdef int received, sent, slot, pending, offset
+        cdef int received, slot, pending
         cdef Py_ssize_t total = 0
         cdef unsigned int batch = self._batch
         cdef list keep
@@ -1058,20 +1076,7 @@ cdef class UDPResponder:
                 self._replies[pending].msg_hdr.msg_name = &self._peers[slot]
                 self._replies[pending].msg_hdr.msg_namelen = self._received[slot].msg_hdr.msg_namelen
                 pending += 1
-            offset = 0
-            while offset < pending:
-                sent = sendmmsg(self._fd, self._replies + offset, pending - offset, MSG_DONTWAIT)
-                if sent > 0:
-                    offset += sent
-                elif errno == EINTR:
-                    continue
-                elif errno == EAGAIN:  # EWOULDBLOCK on Linux too
-                    # The send buffer is full: UDP may lose answers, the client asks again.
-                    self.send_failures += pending - offset
-                    break
-                else:
-                    self.send_failures += 1  # this peer's address was refused; the rest still go out
-                    offset += 1
+            self.send_failures += _send_batch(self._fd, self._replies, pending)
             if <unsigned int>received < batch:
                 break
         return total
@@ -1330,8 +1335,8 @@ cdef int _answer_datagram(NativeUDP* native, unsigned int slot, unsigned char* o
 
 cdef void _serve_batches(NativeUDP* native) noexcept nogil:
     cdef unsigned int batch = native.batch, slot
-    cdef int received, sent, outcome, rounds
-    cdef unsigned int pending, offset
+    cdef int received, outcome, rounds, failures
+    cdef unsigned int pending
     cdef Py_ssize_t length
     cdef bint queued
     cdef uint64_t one = 1
@@ -1358,23 +1363,11 @@ cdef void _serve_batches(NativeUDP* native) noexcept nogil:
                 queued = True
         if queued:
             write(native.pending_fd, &one, sizeof(one))
-        offset = 0
-        while offset < pending:
-            sent = sendmmsg(native.fd, native.replies + offset, pending - offset, MSG_DONTWAIT)
-            if sent > 0:
-                offset += sent
-            elif errno == EINTR:
-                continue
-            else:
-                pthread_mutex_lock(&native.lock)
-                if errno == EAGAIN:
-                    # The send buffer is full: UDP may lose answers, the client asks again.
-                    native.send_failures += pending - offset
-                    offset = pending
-                else:
-                    native.send_failures += 1  # this peer's address was refused; the rest still go out
-                    offset += 1
-                pthread_mutex_unlock(&native.lock)
+        failures = _send_batch(native.fd, native.replies, pending)
+        if failures:
+            pthread_mutex_lock(&native.lock)
+            native.send_failures += failures
+            pthread_mutex_unlock(&native.lock)
         if <unsigned int>received < batch:
             return
 
