@@ -548,6 +548,11 @@ def bench_http(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for system in systems:
             stop_processes(system.processes)
+        if args.keep_logs:
+            # The agents' logs (run them with --spina-args "--log-level info" to see each snapshot's costs).
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            for path in sorted((base / "spina").glob("*.log")):
+                shutil.copy(path, Path(args.keep_logs) / path.name)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -570,6 +575,7 @@ def main() -> int:
                         help="extra `spina agent` flags for the HTTP cluster, e.g. '--snapshot-entries 100000' "
                              "(etcd's default --snapshot-count); printed with the results")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--keep-logs", default="", metavar="DIR", help="copy the Spina agents' logs into DIR")
     args = parser.parse_args()
     if args.payload < VALUE_STEM_BYTES:
         parser.error(f"--payload must be at least {VALUE_STEM_BYTES} bytes (the value names its index)")
@@ -597,9 +603,9 @@ def main() -> int:
             "driver": f"wrk -t1 -c{args.concurrency}, {args.http_duration:g} s per run",
             "spina_args": args.spina_args,
             "spina": {**_medians(spina_runs), "half_load": _medians(http["half_load_runs"][spina_name]),
-                      "runs": spina_runs},
+                      "runs": spina_runs, "half_load_runs": http["half_load_runs"][spina_name]},
             "etcd": {**_medians(etcd_runs), "half_load": _medians(http["half_load_runs"][etcd_name]),
-                     "version": etcd_name, "runs": etcd_runs},
+                     "version": etcd_name, "runs": etcd_runs, "half_load_runs": http["half_load_runs"][etcd_name]},
             # Each round timed both: the median of the per-round ratios is steadier than the ratio of medians.
             "ratio": median([s["writes_per_s"] / e["writes_per_s"] for s, e in zip(spina_runs, etcd_runs,
                                                                                     strict=True)]),

@@ -105,13 +105,18 @@ class ReplicatedState:
                 self.registry_watches.notify(changed)
 
     def snapshot(self) -> bytes:
+        return b"".join(self.snapshot_pieces())
+
+    def snapshot_pieces(self) -> list[bytes]:
+        """``snapshot()`` in pieces, for a forked snapshot child to write one after the other: joining them
+        first copied the whole state once more (at 400k keys 90 MB, 23k page faults, ~0.1 s of CPU)."""
         # Binary parts side by side, none re-encoded: the KV is most of a large state, and its JSON (hex values,
         # then escaped again inside this document) cost a forked snapshot child about 1 s of CPU at 300k keys.
-        parts = [_SNAPSHOT_MAGIC]
+        pieces = [_SNAPSHOT_MAGIC]
         for part in (self.kv.snapshot_binary(), self.config.snapshot(), self.registry.snapshot()):
-            parts.append(_PART_LENGTH.pack(len(part)))
-            parts.append(part)
-        return b"".join(parts)
+            pieces.append(_PART_LENGTH.pack(len(part)))
+            pieces.append(part)
+        return pieces
 
     def restore(self, data: bytes) -> None:
         if data.startswith(_SNAPSHOT_MAGIC):

@@ -312,7 +312,9 @@ class KVStore:
     def snapshot_binary(self) -> bytes:
         """The same state in the binary layout of ``_kv.pyx`` (an order of magnitude cheaper to write and read);
         ``restore`` takes either."""
-        return encode_entries(self.index, self._sorted_keys, self._entries)
+        # The sorted index's own sublists, not an iterator over it: the encoder then reads the keys without
+        # taking references (see encode_entries: it runs in a copy-on-write snapshot child).
+        return encode_entries(self.index, self._sorted_keys._lists, self._entries)
 
     def restore(self, data: bytes) -> None:
         if is_encoded(data):

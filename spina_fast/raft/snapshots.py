@@ -23,7 +23,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +43,11 @@ MAGIC = b"SPNSNP01"
 _U32 = struct.Struct("<I")
 MAX_META_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
+# A snapshot file is made durable a few MB at a time, not in one fsync at the end: on ext4 (data=ordered)
+# the WAL's own fsync commits the journal, which first writes out other files' dirty data. Measured here
+# (4 KB WAL appends + fdatasync beside a 90 MB snapshot write): the slowest WAL fsync took 44-48 ms behind
+# one final fsync, 3-12 ms with one every 4 MB.
+SYNC_EVERY_BYTES = 4 << 20
 _NAME = re.compile(r"snap-(\d{20})-(\d{20})\.snap")
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
@@ -73,16 +78,20 @@ class SnapshotMeta:
         return MAGIC + _U32.pack(len(meta)) + meta
 
 
-def encode_snapshot(index: int, term: int, config: ClusterConfig | None, data: bytes) -> Iterator[bytes]:
-    """The snapshot file's bytes, in pieces (the data is not copied into one big buffer)."""
-    header = SnapshotMeta(index, term, config, time.time(), len(data)).header()
+def encode_snapshot(index: int, term: int, config: ClusterConfig | None, data: bytes | Sequence[bytes]
+                    ) -> Iterator[bytes]:
+    """The snapshot file's bytes, in pieces (the data, one ``bytes`` or the pieces whose concatenation it
+    is, is not copied into one big buffer)."""
+    pieces = [data] if isinstance(data, bytes) else data
+    header = SnapshotMeta(index, term, config, time.time(), sum(len(piece) for piece in pieces)).header()
     crc = crc32c(header)
     yield header
-    view = memoryview(data)
-    for start in range(0, len(data), CHUNK_BYTES):
-        piece = view[start:start + CHUNK_BYTES]
-        crc = crc32c(piece, crc)
-        yield bytes(piece)
+    for data_piece in pieces:
+        view = memoryview(data_piece)
+        for start in range(0, len(data_piece), CHUNK_BYTES):
+            piece = view[start:start + CHUNK_BYTES]
+            crc = crc32c(piece, crc)
+            yield bytes(piece)
     yield _U32.pack(crc)
 
 
@@ -203,12 +212,19 @@ class SnapshotStore:
     def temp_path(self, label: str) -> Path:
         return self.directory / f"{label}.snap.tmp"
 
-    def write(self, index: int, term: int, config: ClusterConfig | None, data: bytes) -> Path:
-        """Write, fsync and publish one snapshot (blocking: run it in a worker thread)."""
+    def write(self, index: int, term: int, config: ClusterConfig | None, data: bytes | Sequence[bytes]) -> Path:
+        """Write, fsync and publish one snapshot (blocking: run it in a worker thread); ``data`` as for
+        ``encode_snapshot``."""
         temp = self.temp_path(f"local-{index}")
         with temp.open("wb") as file:
+            unsynced = 0
             for piece in encode_snapshot(index, term, config, data):
                 file.write(piece)
+                unsynced += len(piece)
+                if self.fsync and unsynced >= SYNC_EVERY_BYTES:
+                    file.flush()
+                    _fdatasync(file.fileno())
+                    unsynced = 0
             file.flush()
             if self.fsync:
                 _fdatasync(file.fileno())

@@ -289,7 +289,7 @@ class RaftStorage:
     Stats: ``fsync_count``, ``bytes_written``, ``segment_count``.
 
     Not thread-safe: call ``write``/``sync``/``compact`` from one thread (the event loop's); only the fsync
-    itself runs in a worker thread.
+    itself, and ``delete_detached_segments``, run in a worker thread.
     """
 
     hard_state: tuple[int, str, int]
@@ -329,6 +329,10 @@ class RaftStorage:
         self._io_lock = threading.Lock()
         self._failure: BaseException | None = None
         self._closed = False
+        # Segments a compaction took out of the log, oldest first, until their files are deleted (in that
+        # order, under the lock: whoever deletes, a crash leaves a shorter prefix deleted, never a hole).
+        self._detached: list[Path] = []
+        self._deletion_lock = threading.Lock()
         # Moving average of fdatasync seconds (0 until measured: the first one runs on the loop), and how
         # many of the group commits ran on the loop rather than in the worker thread.
         self.fsync_seconds_average = 0.0
@@ -653,7 +657,8 @@ class RaftStorage:
 
     # -------------------------------------------------------------------------------------- compaction
 
-    def compact(self, snapshot_index: int, snapshot_term: int, *, discard_log: bool = False) -> None:
+    def compact(self, snapshot_index: int, snapshot_term: int, *, discard_log: bool = False,
+                defer_deletion: bool = False) -> bool:
         """Record the snapshot point, then delete the oldest segments it fully covers.
 
         A snapshot beyond the last index (installed from the leader) empties the log: the next entry is
@@ -663,10 +668,14 @@ class RaftStorage:
         the log; otherwise the record is made durable by the next ``sync`` (losing it in a crash only means
         replaying entries the snapshot covers, which the node skips), so a snapshot does not stop the event
         loop on an fsync that may queue behind the snapshot file's own.
+
+        With ``defer_deletion`` the covered segments leave the log but their files stay until
+        ``delete_detached_segments`` (a worker thread's job: unlinking a 64 MB segment takes ext4 15-40 ms,
+        which the event loop must not sit out); returns whether any wait for it.
         """
         self._check_usable()
         if snapshot_index <= self.snapshot_index and not discard_log:
-            return
+            return False
         # The latest hard state may live in a segment about to be deleted: restate it beside the COMPACT.
         record = _encode_compact(snapshot_index, snapshot_term) + _encode_hard_state(self.hard_state)
         if discard_log:
@@ -682,12 +691,39 @@ class RaftStorage:
         segments = self._segments
         if discard_log or (len(segments) > 1 and segments[0].max_entry_index <= snapshot_index):
             self.sync_blocking()
+        detached = []
         while len(segments) > 1 and segments[0].max_entry_index <= snapshot_index:
-            # Oldest first, each unlink made durable before the next: a crash leaves a shorter prefix
-            # deleted, never a hole in the middle that replay would refuse.
-            os.unlink(segments.pop(0).path)
-            if self.fsync:
-                self._fsync_directory_or_fail()
+            detached.append(segments.pop(0).path)
+        if not detached:
+            return False
+        with self._deletion_lock:
+            self._detached.extend(detached)
+        if defer_deletion:
+            return True
+        self.delete_detached_segments()
+        return False
+
+    def delete_detached_segments(self) -> None:
+        """Delete the files of the segments compactions took out of the log (blocking; safe in a worker thread)."""
+        with self._deletion_lock:
+            while self._detached and not self._closed:
+                # Oldest first, each unlink made durable before the next: a crash leaves a shorter prefix
+                # deleted, never a hole in the middle that replay would refuse.
+                os.unlink(self._detached[0])
+                if self.fsync:
+                    self._fsync_directory_path()
+                self._detached.pop(0)
+
+    def _fsync_directory_path(self) -> None:
+        # Its own descriptor: close() may close the log's while a worker thread runs this.
+        directory_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _fsync_directory(directory_fd)
+        except OSError as exc:
+            self._fail(exc)
+            raise StorageError(f"fsync of directory {self.directory} failed: {exc}") from exc
+        finally:
+            os.close(directory_fd)
 
     # ----------------------------------------------------------------------------------------- closing
 

@@ -61,9 +61,9 @@ async def test_a_snapshot_holds_the_state_at_its_index_and_a_restart_loads_it(
 
 
 class BrokenSnapshots(ReplicatedState):
-    """Serves writes but cannot serialize itself."""
+    """Serves writes but cannot serialize itself (``snapshot()`` joins these pieces; the child writes them)."""
 
-    def snapshot(self) -> bytes:
+    def snapshot_pieces(self) -> list[bytes]:
         raise RuntimeError("cannot serialize")
 
 

@@ -804,3 +804,25 @@ def test_storage_code_passes_lint_and_type_checks(tool: list[str]) -> None:
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-m", *tool], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deferred_compaction_keeps_files_until_deleted_and_recovers_either_way(tmp_path: Path) -> None:
+    storage = RaftStorage.open(tmp_path, segment_bytes=500)
+    for index in range(1, 101):
+        storage.write((4, "leader", index - 1) if index == 50 else None, [(index, 4, bytes(30))])
+    segments_before = segment_files(tmp_path)
+    assert storage.compact(60, 4, defer_deletion=True) is True
+    # Out of the log, still on disk: a crash now must recover the same log as after the deletion.
+    assert segment_files(tmp_path) == segments_before
+    assert storage.segment_count < len(segments_before)
+    crashed = RaftStorage.open(tmp_path, segment_bytes=500)
+    assert (crashed.snapshot_index, [entry[0] for entry in crashed.entries()]) == (60, list(range(61, 101)))
+    crashed.close()
+    storage.delete_detached_segments()
+    assert len(segment_files(tmp_path)) == storage.segment_count
+    assert storage.compact(60, 4, defer_deletion=True) is False  # nothing new to compact
+    storage.close()
+    again = RaftStorage.open(tmp_path, segment_bytes=500)
+    assert (again.snapshot_index, [entry[0] for entry in again.entries()]) == (60, list(range(61, 101)))
+    assert again.hard_state == (4, "leader", 49)
+    again.close()
