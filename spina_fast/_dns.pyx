@@ -986,6 +986,19 @@ cdef void _link_batch(mmsghdr* received, mmsghdr* replies, iovec* received_iov, 
         replies[slot].msg_hdr.msg_iovlen = 1
 
 
+cdef object _answer_udp(DNSEngine engine, bytes query, object on_error, uint64_t* errors):
+    """The engine's answer to a UDP query, or (counted in ``errors``, ``on_error`` told) a SERVFAIL: a registry
+    error costs one answer, not the endpoint."""
+    try:
+        return engine.answer(query, False)
+    except Exception as error:
+        errors[0] += 1
+        response = engine.servfail(query)
+        if on_error is not None:
+            on_error(error)
+        return response
+
+
 cdef int _send_batch(int fd, mmsghdr* replies, int pending) noexcept nogil:
     """Send ``pending`` prepared answers with sendmmsg; the number that could not be sent."""
     cdef int offset = 0, sent, failures = 0
@@ -1061,13 +1074,7 @@ cdef class UDPResponder:
                     continue
                 query = PyBytes_FromStringAndSize(<char*>self._buffers + slot * QUERY_SLOT,
                                                   self._received[slot].msg_len)
-                try:
-                    response = self._engine.answer(query, False)
-                except Exception as error:
-                    self.errors += 1
-                    response = self._engine.servfail(query)
-                    if self._on_error is not None:
-                        self._on_error(error)
+                response = _answer_udp(self._engine, query, self._on_error, &self.errors)
                 if response is None:
                     continue
                 keep.append(response)
@@ -1564,13 +1571,7 @@ cdef class UDPThread:
                 query = PyBytes_FromStringAndSize(<char*>taken[index].data, taken[index].length)
                 free(taken[index].data)
                 taken[index].data = NULL
-                try:
-                    response = self._engine.answer(query, False)
-                except Exception as error:
-                    self.errors += 1
-                    response = self._engine.servfail(query)
-                    if self._on_error is not None:
-                        self._on_error(error)
+                response = _answer_udp(self._engine, query, self._on_error, &self.errors)
                 if response is not None:
                     sent = sendto(native.fd, PyBytes_AS_STRING(response), PyBytes_GET_SIZE(response), MSG_DONTWAIT,
                                   <const sockaddr*>&taken[index].peer, taken[index].peer_length)
