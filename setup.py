@@ -31,7 +31,7 @@ compile_args = ["-O2"]
 extensions = [
     Extension(f"spina_fast.{name}", [f"spina_fast/{name}.pyx"], define_macros=macros,
               extra_compile_args=compile_args)
-    for name in ("_dns", "_events", "_http", "_kv", "_raft", "_registry")
+    for name in ("_dns", "_events", "_http", "_kafka_native", "_kv", "_raft", "_registry")
 ]
 
 setup(

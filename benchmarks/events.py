@@ -3,8 +3,9 @@
 1. Throughput: N events with 200-byte payloads over 1,000 aggregates to a 16-partition topic, produced by one
    process and consumed by another (consumer started and assigned first; the time runs from the first produce
    to the last event consumed). Spina: ``EventProducer.submit_batch`` (1,000-event batches, envelopes, idempotent
-   acks=all, delivery reports per batch) -> ``EventConsumer`` (batched consume, envelope decode, a handler that
-   checks per-aggregate order, offsets stored after the handler and committed after every batch). The peer,
+   acks=all, delivery reports per batch, librdkafka's C API called once per batch) -> ``EventConsumer``
+   (batched consume, envelope decode, a handler that checks per-aggregate order, offsets stored after the
+   handler and committed after every batch). The peer,
    the physical limit of this client here: raw ``Producer.produce`` of the 200-byte JSON payload (same
    producer settings, lz4 included; no envelope, no headers, no delivery callbacks) -> raw
    ``Consumer.consume(num_messages=5000)`` counting messages. A third row is the same work as Spina's written
@@ -522,9 +523,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         runs.append(run)
         print(f"run {number + 1}: " + json.dumps(run, default=str), file=sys.stderr)
 
+    from spina_fast._kafka_native import library
+
     result: dict[str, Any] = {
         "events": args.events, "payload_bytes": args.payload_bytes, "partitions": args.partitions, "runs": args.runs,
-        "machine": machine(), "load_average": os.getloadavg(), "per_run": runs,
+        "machine": machine(), "librdkafka": library()[1], "load_average": os.getloadavg(), "per_run": runs,
     }
     if args.events:
         result.update(_throughput_summary(runs, compressions))
@@ -617,7 +620,8 @@ def main() -> None:
         return
     m = result["machine"]
     print(f"events: {args.events:,} x {args.payload_bytes}-byte payloads, {args.partitions} partitions, "
-          f"{args.runs} runs (medians); {m['cpu']}, {m['cores']} cores, Python {m['python']}")
+          f"{args.runs} runs (medians); {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+          f"librdkafka {result['librdkafka']}")
     if args.events:
         _print_throughput(result)
     if args.priority_seconds > 0:

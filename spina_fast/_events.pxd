@@ -34,10 +34,3 @@ cdef class EnvelopeWriter:
     cdef unsigned long long _counter
     cdef inline void _write_id(self, char* buf) noexcept
 
-
-cdef class DeliveryCounter:
-    cdef Py_ssize_t _remaining
-    cdef readonly Py_ssize_t count
-    cdef readonly list failures
-    cdef object _on_done
-    cdef inline void _settle(self, Py_ssize_t done)

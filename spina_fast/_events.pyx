@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Per-event hot paths of the event bus: envelope encoding, the produce loop, delivery counting, decoding.
+"""Per-event hot paths of the event bus: envelope encoding and decoding (the produce loop and delivery counting
+are in _kafka_native).
 
 Python (spina_fast/events/) owns the sockets, the awaiting and the error messages; this module owns the
 bytes. Profiling the all-Python pipeline showed building the envelope cost more than producing it
@@ -40,15 +41,6 @@ class EncodeError(ValueError):
         self.reason = reason
         self.cause = cause
         self.size = size
-
-
-class ProduceFailed(Exception):
-    """Producer.produce raised ``cause`` (not BufferError) for ``encoded[index]``."""
-
-    def __init__(self, index, cause):
-        super().__init__(f"produce failed at event {index}: {cause}")
-        self.index = index
-        self.cause = cause
 
 
 cdef inline bint _plain_json(const char* text, Py_ssize_t size) noexcept:
@@ -268,58 +260,6 @@ cdef class EnvelopeWriter:
             values.append(value)
             headers.append(header)
         return out
-
-
-def produce_all(produce, str topic, EncodedBatch encoded, Py_ssize_t start, on_delivery):
-    """Calls ``produce`` for ``encoded[start:]``; returns the index reached (len(encoded) when done, less when
-    the local queue filled up: BufferError). Positional arguments: confluent-kafka would otherwise build a
-    keyword dict per event. One header list serves every call (produce copies the headers into librdkafka
-    before it returns). Any other error is raised as ProduceFailed(index, cause)."""
-    cdef Py_ssize_t index
-    cdef list keys = encoded.keys
-    cdef list values = encoded.values
-    cdef list headers = encoded.headers
-    cdef list header = [None]
-    cdef object value
-    for index in range(start, len(keys)):
-        value = headers[index]
-        if value is not None:
-            header[0] = (TRACEPARENT, value)
-        try:
-            produce(topic, values[index], keys[index], -1, on_delivery, None, 0,
-                    header if value is not None else None)
-        except BufferError:
-            return index
-        except Exception as exc:
-            raise ProduceFailed(index, exc) from exc
-    return len(keys)
-
-
-cdef class DeliveryCounter:
-    """The on_delivery callback of one batch: counts reports (on the producer's poll thread, without a lock:
-    the count and the check happen without releasing the GIL) and calls ``on_done()`` after the last one.
-    ``failures`` holds (KafkaError, key, value) per failed event."""
-
-    def __init__(self, Py_ssize_t count, on_done):
-        self.count = count
-        self._remaining = count
-        self.failures = []
-        self._on_done = on_done
-
-    def __call__(self, error, message):
-        if error is not None:
-            self.failures.append((error, message.key(), message.value()))
-        self._settle(1)
-
-    def not_sent(self, Py_ssize_t count, error, bytes key, bytes value):
-        """``count`` events never reached the queue (they fail with ``error``)."""
-        self.failures.extend([(error, key, value)] * count)
-        self._settle(count)
-
-    cdef inline void _settle(self, Py_ssize_t done):
-        self._remaining -= done
-        if self._remaining == 0:
-            self._on_done()
 
 
 cdef class _HeadReader:

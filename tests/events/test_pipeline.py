@@ -353,10 +353,13 @@ async def test_producer_waits_for_a_broker_that_comes_up_during_start(
 
 
 def test_timeouts_in_flight_are_reported_possibly_persisted() -> None:
-    timed_out = _delivery_error("a.b.c", b"agg", b'{"id":"e1"}', KafkaError(KafkaError._MSG_TIMED_OUT))
+    timed_out = _delivery_error("a.b.c", b"agg", b'{"id":"e1"}', KafkaError._MSG_TIMED_OUT, True)
     assert isinstance(timed_out, PossiblyPersisted) and timed_out.event_id == "e1"
-    assert "possibly persisted" in timed_out.message
-    refused = _delivery_error("a.b.c", b"agg", b'{"id":"e2"}', KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    assert "possibly persisted" in timed_out.message and timed_out.kafka_error == "_MSG_TIMED_OUT"
+    # Timed out before it left the local queue: librdkafka knows it was not written.
+    queued = _delivery_error("a.b.c", b"agg", b'{"id":"e3"}', KafkaError._MSG_TIMED_OUT, False)
+    assert not isinstance(queued, PossiblyPersisted) and "was not written" in queued.message
+    refused = _delivery_error("a.b.c", b"agg", b'{"id":"e2"}', KafkaError.MSG_SIZE_TOO_LARGE, False)
     assert not isinstance(refused, PossiblyPersisted) and refused.kafka_error == "MSG_SIZE_TOO_LARGE"
 
 
