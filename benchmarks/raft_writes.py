@@ -307,7 +307,7 @@ class HttpSystem:
     lua: str
     raw_request: Callable[[str, int, int], bytes]  # (prefix, index, size) -> one HTTP/1.1 request
     read_back: Callable[[str, int], bytes]  # (prefix, index) -> the value a follower holds
-    term: Callable[[], int]  # the Raft term the node we drive is in: a change during a run is a new election
+    term: Callable[[], int]  # the cluster's Raft term: a change during a run is a new election
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the cluster's processes have used so far, with their finished children's
@@ -361,7 +361,10 @@ def start_spina(base: Path, extra_args: tuple[str, ...] = ()) -> HttpSystem:
         return _wait_http(f"http://127.0.0.1:{follower_port}/v1/kv/{prefix}/{index}?raw&consistent")
 
     def term() -> int:
-        return int(orjson.loads(_wait_http(f"http://127.0.0.1:{leader_port}/v1/spina/raft/status"))["term"])
+        # From a follower: every election moves the term of a majority, and the status document carries a hash
+        # of the whole state, which stops the loop serving it for a while (0.4 s per 100k keys on this machine):
+        # on the leader, for longer than an election timeout once the runs have written a few hundred thousand.
+        return int(orjson.loads(_wait_http(f"http://127.0.0.1:{follower_port}/v1/spina/raft/status"))["term"])
 
     return HttpSystem("spina", processes, leader_port, _LUA_SPINA, raw_request, read_back, term)
 
@@ -441,7 +444,7 @@ def run_wrk(system: HttpSystem, prefix: str, args: argparse.Namespace, duration:
                       .replace("@STEM@", str(VALUE_STEM_BYTES)))
     command = ["wrk", "-t1", f"-c{args.concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "10s",
                "-s", str(script), f"http://127.0.0.1:{system.leader_port}/"]
-    used, term = system.cpu_seconds(), system.term()
+    term, used = system.term(), system.cpu_seconds()  # in this order: the status call's CPU is not the run's
     output = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
     cpu = system.cpu_seconds() - used
     elections = system.term() - term
@@ -493,7 +496,7 @@ def open_loop(system: HttpSystem, generator: Path, prefix: str, rate: float, cou
             request = system.raw_request(prefix, index, args.payload)
             file.write(struct.pack("<I", len(request)))
             file.write(request)
-    used, term = system.cpu_seconds(), system.term()
+    term, used = system.term(), system.cpu_seconds()
     command = [str(generator), "127.0.0.1", str(system.leader_port), str(args.concurrency), f"{rate:.3f}",
                str(requests), str(latencies_file)]
     output = subprocess.run(command, capture_output=True, text=True, timeout=count / rate + 60)

@@ -96,6 +96,7 @@ cdef class Progress:
     cdef readonly bint recent_active
     cdef readonly uint64_t pending_snapshot
     cdef int _snapshot_ticks
+    cdef uint64_t _commit_sent         # the commit index the last append to it carried
     cdef uint64_t* _inflight           # ring of the last index of each append in flight
     cdef Py_ssize_t _inflight_start
     cdef Py_ssize_t _inflight_count
@@ -180,6 +181,7 @@ cdef class RaftCore:
     cdef object _pending_snapshot
     cdef Ready _outstanding
     cdef bint _started
+    cdef bint _commit_news_pending     # the commit index moved; followers not told yet (see ready())
 
     cdef int _set_config(self, list voters, list learners) except -1
     cdef int _next_random(self) noexcept
@@ -212,6 +214,7 @@ cdef class RaftCore:
     cdef bint _send_append(self, str to, bint send_if_empty) except -1
     cdef int _send_appends(self, str to) except -1
     cdef int _broadcast_append(self) except -1
+    cdef int _send_commit_news(self) except -1
     cdef Message _build_heartbeat(self, str to, bytes context)
     cdef int _broadcast_heartbeat(self, bytes context) except -1
     cdef int _send_timeout_now(self, str to) except -1

@@ -914,6 +914,7 @@ cdef class Progress:
         self.recent_active = False
         self.pending_snapshot = 0
         self._snapshot_ticks = 0
+        self._commit_sent = 0
         self._inflight_start = 0
         self._inflight_count = 0
 
@@ -1377,7 +1378,7 @@ cdef class RaftCore:
         """True when ready() has something; always False between ready() and advance()."""
         if self._outstanding is not None:
             return False
-        return bool(self._messages or self._read_states
+        return bool(self._messages or self._read_states or self._commit_news_pending
                     or self._handed_out_index < self._log._last_index()
                     or self._committed_handed_out < self._commit_index
                     or self._pending_snapshot is not None
@@ -1413,6 +1414,8 @@ cdef class RaftCore:
         if self._pending_snapshot is not None:
             ready.snapshot = self._pending_snapshot
             self._pending_snapshot = None
+        if self._commit_news_pending:
+            self._send_commit_news()
         if self._handed_out_index < last:
             ready.entries = self._log._collect(self._handed_out_index + 1, last, -1, True)
             self._handed_out_index = last
@@ -1453,7 +1456,7 @@ cdef class RaftCore:
             # Every entry before this Ready's came in an earlier, already advanced Ready.
             self._stable_index = ready._last_entry_index
             if self._role == ROLE_LEADER and self._maybe_commit():
-                self._broadcast_append()
+                self._commit_news_pending = True
 
     # -- Timers and elections ---------------------------------------------------------------------
 
@@ -1834,9 +1837,13 @@ cdef class RaftCore:
         else:
             progress._free_inflight_to(msg.index)
         if self._maybe_commit():
-            self._broadcast_append()
-        else:
-            self._send_appends(msg.src)
+            # Told in the next Ready (_send_commit_news), not now: appends of the writes proposed meanwhile
+            # carry it, and several commits before that Ready cost one message per follower, not one each.
+            self._commit_news_pending = True
+        # The ack may have opened the in-flight window: what waited for it goes now. Nothing when nothing
+        # waited: an empty append would only draw another ack (one more message each way per round).
+        while self._send_append(msg.src, False):
+            pass
         if msg.src == self._transfer_target and progress.match_index == self._log._last_index():
             self._send_timeout_now(msg.src)
         return 0
@@ -1898,6 +1905,7 @@ cdef class RaftCore:
         msg.commit = self._commit_index
         msg.entries = entries
         self._messages.append(msg)
+        progress._commit_sent = self._commit_index
         if progress._state == PROGRESS_REPLICATE:
             if entries:
                 # Pipelining: assume it will be accepted and send the next batch without waiting.
@@ -1917,6 +1925,18 @@ cdef class RaftCore:
         cdef str peer
         for peer in self._peers:
             self._send_appends(peer)
+        return 0
+
+    cdef int _send_commit_news(self) except -1:
+        # A new commit index to every follower that no append since has carried (Raft §5.3: followers
+        # learn it from the next AppendEntries); an empty append where no entries wait.
+        cdef str peer
+        self._commit_news_pending = False
+        if self._role != ROLE_LEADER:
+            return 0
+        for peer in self._peers:
+            if (<Progress>self._progress[peer])._commit_sent < self._commit_index:
+                self._send_appends(peer)
         return 0
 
     cdef Message _build_heartbeat(self, str to, bytes context):

@@ -53,6 +53,8 @@ def test_single_node_compacts_and_restarts_from_snapshot_and_wal(tmp_path: Path)
     agent = start_agent(*args)
     try:
         written = write_many([agent], "solo", 300)
+        # Snapshots run in a forked child and are paced, so the last one due may still be on its way.
+        wait_until(lambda: status(agent)["snapshot_index"] >= 240, 30, "a snapshot at index 240 or later")
         before = status(agent)
         keys_before = call(agent, "GET", "/v1/kv/solo/?recurse")
         assert before["snapshot_index"] >= 240, before

@@ -10,8 +10,9 @@ follower answers its client with the leader's result. Cluster operations (join, 
 travel the same way as ADMIN frames. Reads: ``read_barrier`` is Raft §6.4 ReadIndex (linearizable, on any
 node); plain reads are served locally.
 
-Snapshots: once ``snapshot_entries`` entries or ``snapshot_bytes`` bytes were applied since the last one,
-the state machine's ``snapshot()`` is written to a CRC'd file beside the WAL (``snapshots.py``); the WAL
+Snapshots: once ``snapshot_entries`` entries (give or take half of that, so the nodes of a cluster take
+theirs at different indexes: ``_next_snapshot_index``) or ``snapshot_bytes`` bytes were applied since the last
+one, the state machine's ``snapshot()`` is written to a CRC'd file beside the WAL (``snapshots.py``); the WAL
 and the in-memory log are then compacted up to ``catch_up_entries`` behind it, so a follower a little
 behind still catches up from the log. A follower further behind gets the newest snapshot file streamed in
 chunks (MSG_SNAPSHOT frames, each CRC'd by the framing, at most ``SNAPSHOT_WINDOW`` unacknowledged),
@@ -228,6 +229,7 @@ class RaftNode:
             config = meta.config if meta.config is not None else bootstrap
         entries = self._log_after_snapshot(snapshot_index, snapshot_term)
         self.config = config
+        self._snapshot_phase = self._phase_in(config)
         self.core = RaftCore(node_id, list(config.voters), learners=list(config.learners),
                              election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                              seed=seed if seed is not None else int.from_bytes(node_id.encode()[:8], "big"))
@@ -616,6 +618,7 @@ class RaftNode:
     def _adopt_config(self, config: ClusterConfig) -> None:
         previous = self.config
         self.config = config
+        self._snapshot_phase = self._phase_in(config)
         self.core.apply_config(list(config.voters), list(config.learners))
         for member, address in config.members.items():
             if member != self.node_id:
@@ -626,6 +629,10 @@ class RaftNode:
                 if self._running:
                     # Not at once: answers to requests it forwarded here (its own removal, say) are in flight.
                     asyncio.get_running_loop().call_later(REMOVED_PEER_GRACE_SECONDS, self._forget_peer, member)
+
+    def _phase_in(self, config: ClusterConfig) -> int:
+        members = sorted(config.members) if self.node_id in config.members else [self.node_id]
+        return members.index(self.node_id) * self.snapshot_entries // (2 * len(members))
 
     def _forget_peer(self, member: str) -> None:
         if member not in self.config.members and self._running:
@@ -642,8 +649,19 @@ class RaftNode:
             return False
         if self._bytes_since_snapshot >= self.snapshot_bytes:
             return True
-        return (self.applied_index - self.snapshot_index >= self.snapshot_entries
-                and time.monotonic() >= self._next_snapshot_at)
+        return self.applied_index >= self._next_snapshot_index() and time.monotonic() >= self._next_snapshot_at
+
+    def _next_snapshot_index(self) -> int:
+        """Where this node's next snapshot is due: ``snapshot_entries`` after the last one, moved (by less than
+        half of that) to this node's phase. Every node applies the same indexes, so with one threshold all of
+        them would fork at the same moment, on the same cores and disk (benchmarks/README.md, "Snapshots and
+        the half-load tail"); the i-th of n members in name order snapshots at indexes k * snapshot_entries + i *
+        snapshot_entries / (2n) instead, and comes back to that phase after a late snapshot or one installed
+        from the leader."""
+        every = self.snapshot_entries
+        nominal = self.snapshot_index + every
+        skew = (self._snapshot_phase - nominal) % every
+        return nominal + (skew - every if skew >= every - every // 2 else skew)
 
     def current_config(self) -> ClusterConfig:
         """The configuration with this node's own address as bound (port 0 resolved)."""

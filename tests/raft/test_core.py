@@ -393,6 +393,42 @@ def test_leader_acknowledges_its_own_entries_only_after_advance() -> None:
     assert leader.commit_index == index
 
 
+def test_an_acknowledgement_that_commits_nothing_draws_no_empty_append() -> None:
+    _, leader = leader_with_followers()
+    index = leader.propose([b"x"])
+    sent(leader)  # the append to b and c; the leader's own copy is durable
+    leader.step(Message(type=MSG_APPEND_RESPONSE, src="b", dst="a", term=leader.term, index=index))
+    news = sent(leader)  # b's ack made a quorum: both followers hear of the commit
+    assert leader.commit_index == index
+    assert sorted((m.dst, m.commit, len(m.entries)) for m in news if m.type == MSG_APPEND) == [
+        ("b", index, 0), ("c", index, 0)]
+    # c's late ack commits nothing new and nothing waits for it: no message at all (was an empty append,
+    # which only drew another ack).
+    leader.step(Message(type=MSG_APPEND_RESPONSE, src="c", dst="a", term=leader.term, index=index))
+    assert sent(leader) == []
+
+
+def test_commit_news_rides_on_the_appends_of_writes_proposed_before_the_next_ready() -> None:
+    _, leader = leader_with_followers()
+    first = leader.propose([b"x"])
+    sent(leader)
+    leader.step(Message(type=MSG_APPEND_RESPONSE, src="b", dst="a", term=leader.term, index=first))
+    second = leader.propose([b"y"])  # before the driver takes the next Ready
+    appends = [m for m in sent(leader) if m.type == MSG_APPEND]
+    # One append per follower, carrying the new entry and the commit index it learned meanwhile.
+    assert sorted((m.dst, m.commit, m.index + 1, len(m.entries)) for m in appends) == [
+        ("b", first, second, 1), ("c", first, second, 1)]
+
+
+def test_followers_learn_every_commit_and_apply_the_same_entries() -> None:
+    net, leader = leader_with_followers()
+    for i in range(5):
+        leader.propose([f"w{i}".encode()])
+        net.settle()
+    assert {net.cores[node].commit_index for node in VOTERS} == {leader.last_index}
+    assert net.applied["b"] == net.applied["c"] == net.applied["a"]
+
+
 def test_propose_on_follower_raises_not_leader() -> None:
     net, _ = leader_with_followers()
     with pytest.raises(NotLeader) as raised:

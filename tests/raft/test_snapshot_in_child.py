@@ -82,3 +82,23 @@ async def test_a_failing_snapshot_child_leaves_no_file_and_the_node_keeps_servin
         assert not list((tmp_path / "raft").glob("snap-*")) and not list((tmp_path / "raft").glob("*.snap.tmp"))
     finally:
         await node.stop()
+
+
+def test_nodes_of_one_cluster_take_their_snapshots_at_staggered_indexes(tmp_path: Path) -> None:
+    """Every node applies the same indexes: with one threshold all of them would fork at once on the same cores.
+    The i-th of n members snapshots at k * snapshot_entries + i * snapshot_entries / (2n) instead."""
+    # Never started: the addresses only name the members, nothing binds them.
+    addresses = {name: HostPort("127.0.0.1", 7000 + number) for number, name in enumerate(["n1", "n2", "n3"])}
+    nodes = [RaftNode(name, addresses[name], {peer: address for peer, address in addresses.items() if peer != name},
+                      tmp_path / name, ReplicatedState(), snapshot_entries=600) for name in addresses]
+    try:
+        assert [node._next_snapshot_index() for node in nodes] == [600, 700, 800]
+        # A late snapshot (the pacing held it back) or one installed from the leader: back to the node's phase,
+        # never sooner than half the threshold after the last one.
+        for node, taken_at, next_at in [(nodes[0], 650, 1200), (nodes[0], 1000, 1800), (nodes[1], 1200, 1900),
+                                        (nodes[2], 1100, 1400), (nodes[2], 1201, 2000)]:
+            node.snapshot_index = taken_at
+            assert node._next_snapshot_index() == next_at, (node.node_id, taken_at)
+    finally:
+        for node in nodes:
+            node.storage.close()
