@@ -163,7 +163,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     client = AgentClient(args.http_addr)
     command = args.cluster_command
     if command == "status":
-        status = client.request("GET", "/v1/spina/cluster/status").json()
+        status = client.request("GET", "/v1/spina/cluster/status?hash").json()
         assert isinstance(status, dict)
         if args.json:
             print(json.dumps(status, indent=2))

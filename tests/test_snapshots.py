@@ -21,7 +21,7 @@ SNAPSHOT_FLAGS = ("--snapshot-entries", "40", "--snapshot-catch-up", "10")
 
 
 def status(agent: AgentProcess) -> dict[str, Any]:
-    code, body = call(agent, "GET", "/v1/spina/raft/status", timeout=5)
+    code, body = call(agent, "GET", "/v1/spina/raft/status?hash", timeout=5)
     assert code == 200, body
     document = json.loads(body)
     assert isinstance(document, dict)
@@ -56,6 +56,10 @@ def test_single_node_compacts_and_restarts_from_snapshot_and_wal(tmp_path: Path)
         # Snapshots run in a forked child and are paced, so the last one due may still be on its way.
         wait_until(lambda: status(agent)["snapshot_index"] >= 240, 30, "a snapshot at index 240 or later")
         before = status(agent)
+        # The state hash reads the whole state on the node's loop: only on request.
+        code, body = call(agent, "GET", "/v1/spina/raft/status", timeout=5)
+        assert code == 200 and "state_hash" not in json.loads(body), body
+        assert isinstance(before["state_hash"], str) and before["state_hash"], before
         keys_before = call(agent, "GET", "/v1/kv/solo/?recurse")
         assert before["snapshot_index"] >= 240, before
         # The in-memory log is bounded: at most a threshold's worth plus the catch-up tail.

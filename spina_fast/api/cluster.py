@@ -1,8 +1,9 @@
 """Cluster operations over HTTP: Raft status, membership, leadership transfer, snapshot backups.
 
 - ``GET  /v1/spina/raft/status`` (alias ``/v1/spina/cluster/status``): this node's view - id, role, term,
-  leader, commit/applied/first/last index, snapshot index, voters and learners with their Raft addresses,
-  the state machine's hash; on the leader also each peer's replication progress.
+  leader, commit/applied/first/last index, snapshot index, voters and learners with their Raft addresses;
+  on the leader also each peer's replication progress. ``?hash`` adds the state machine's hash (it reads the
+  whole state, so it is opt-in).
 - ``POST /v1/spina/cluster/join`` ``{"node_id", "raft_addr"}``: add a node as a non-voting learner (the
   leader promotes it once it has caught up). Answers the configuration once the change is applied.
 - ``POST /v1/spina/cluster/remove`` ``{"node_id"}``: remove a voter or learner; removing the leader hands
@@ -49,7 +50,7 @@ def _node_id(document: dict[str, Any], request: web.Request) -> str:
 
 
 async def _status(request: web.Request) -> web.Response:
-    return json_response(request.app[AGENT_KEY].node.status())
+    return json_response(request.app[AGENT_KEY].node.status(with_hash="hash" in request.query))
 
 
 async def _join(request: web.Request) -> web.Response:

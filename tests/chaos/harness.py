@@ -84,7 +84,7 @@ def _converged_state(cluster: ChaosCluster) -> tuple[bool, str]:
 
 def _raft_digest(cluster: ChaosCluster, node_id: str) -> dict[str, Any] | None:
     """The applied-index and state-hash fields of the node's raft status, if the agent serves one."""
-    status = cluster.get_json(node_id, "/v1/spina/raft/status", timeout=5)
+    status = cluster.get_json(node_id, "/v1/spina/raft/status?hash", timeout=5)
     if not isinstance(status, dict):
         return None
     return {name: value for name, value in status.items()
