@@ -4,8 +4,8 @@
    process and consumed by another (consumer started and assigned first; the time runs from the first produce
    to the last event consumed). Spina: ``EventProducer.submit_batch`` (1,000-event batches, envelopes, idempotent
    acks=all, delivery reports per batch, librdkafka's C API called once per batch) -> ``EventConsumer``
-   (batched consume, envelope decode, a handler that checks per-aggregate order, offsets stored after the
-   handler and committed after every batch). The peer,
+   (librdkafka's consumer C API: one fetch per batch, envelopes decoded from its buffers, a handler that checks
+   per-aggregate order, offsets stored after the handler and committed after every batch). The peer,
    the physical limit of this client here: raw ``Producer.produce`` of the 200-byte JSON payload (same
    producer settings, lz4 included; no envelope, no headers, no delivery callbacks) -> raw
    ``Consumer.consume(num_messages=5000)`` counting messages. A third row is the same work as Spina's written

@@ -28,6 +28,7 @@ cdef str TRACEPARENT = "traceparent"
 # an event id EnvelopeWriter writes, usable as a W3C trace id (32 lower-case hex digits, not all zero)
 cdef object _TRACE_ID = re.compile(r"^(?!0{32})[0-9a-f]{16}(?!0{16})[0-9a-f]{16}$")
 cdef const char* HEX = b"0123456789abcdef"
+NO_VALUE = "message has no value (a tombstone?), not a Spina event envelope"
 cdef tuple _FIELDS = ("id", "type", "source", "aggregate_id", "time", "schema_version", "correlation_id", "payload")
 
 
@@ -108,7 +109,8 @@ cdef class Event:
         if self._payload_end >= 0:
             self._payload = _loads(memoryview(self._value)[self._payload_start:self._payload_end])
             self._payload_end = -1
-            self._value = None
+            if not self._native:  # the native consumer keeps the value to dead-letter the event as received
+                self._value = None
         return self._payload
 
     @property
@@ -116,24 +118,71 @@ cdef class Event:
         """The ``traceparent`` header; without one, the trace a Spina producer starts for an event without a
         caller's trace context (``00-<id>-<second half of id>-01``: ProducerConfig.trace_headers="caller"
         does not send it, it carries nothing the id does not)."""
-        if self._traceparent is None and self._message is not None:
-            for name, value in self._message.headers() or ():
-                if name == TRACEPARENT and value is not None:
-                    self._traceparent = value.decode("ascii", "replace")
-                    break
-            else:
-                if self.id is not None and _TRACE_ID.match(self.id):
-                    self._traceparent = f"00-{self.id}-{self.id[16:]}-01"
+        if self._traceparent is None and (self._message is not None or self._native):
+            # The native consumer already read a traceparent header that is not the derived one.
+            if not self._native:
+                for name, value in self._message.headers() or ():
+                    if name == TRACEPARENT and value is not None:
+                        self._traceparent = value.decode("ascii", "replace")
+                        break
+            if self._traceparent is None and self.id is not None and _TRACE_ID.match(self.id):
+                self._traceparent = f"00-{self.id}-{self.id[16:]}-01"
         return self._traceparent
 
     @property
     def message(self):
-        """The confluent_kafka Message this event came from (None for events built by hand)."""
+        """The Kafka message this event came from, with confluent-kafka's Message accessors (``topic()``,
+        ``partition()``, ``offset()``, ``key()``, ``value()``, ``headers()``): the confluent_kafka Message it
+        was decoded from, a ConsumedMessage rebuilt on first use for the native consumer's events (they
+        keep no per-message object), None for events built by hand."""
+        if self._message is None and self._native:
+            key, headers = self._extra if self._extra is not None else (self.aggregate_id.encode(), None)
+            if headers is None and self._tp_header:
+                headers = [(TRACEPARENT, f"00-{self.id}-{self.id[16:]}-01".encode())]
+            self._message = ConsumedMessage(self.topic, self.partition, self.offset, key, self._value, headers)
         return self._message
 
     def __repr__(self):
         return (f"Event(type={self.type!r}, aggregate_id={self.aggregate_id!r}, id={self.id!r}, "
                 f"topic={self.topic!r}, partition={self.partition}, offset={self.offset})")
+
+
+@cython.no_gc
+cdef class ConsumedMessage:
+    """A consumed Kafka message as the native consumer hands over those that are not (yet) Events: read with
+    confluent-kafka's Message accessors. ``headers()`` is None without headers, like Message.headers()."""
+
+    def __init__(self, str topic, int partition, long long offset, key, value, headers):
+        self._topic = topic
+        self._partition = partition
+        self._offset = offset
+        self._key = key
+        self._value = value
+        self._headers = headers
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+    def error(self):
+        return None
+
+    def __repr__(self):
+        return f"ConsumedMessage({self._topic}[{self._partition}]@{self._offset})"
 
 
 cdef class EncodedBatch:
@@ -267,17 +316,7 @@ cdef class _HeadReader:
     whitespace, payload last) without building a dict, and leaves the payload as a slice to decode on use.
     Anything else (another writer's field order, escapes it cannot copy, a non-string field) returns False and
     the caller decodes the whole value with orjson. Strings repeated between events (type, source, time) are
-    reused instead of decoded again."""
-
-    cdef const char* buf
-    cdef Py_ssize_t pos
-    cdef Py_ssize_t end
-    cdef bytes _last_type
-    cdef str _type
-    cdef bytes _last_source
-    cdef str _source
-    cdef bytes _last_time
-    cdef str _time
+    reused instead of decoded again (attributes declared in _events.pxd: the native consumer shares it)."""
 
     cdef inline bint _literal(self, const char* text, Py_ssize_t size) noexcept:
         if self.end - self.pos < size or memcmp(self.buf + self.pos, text, size) != 0:
@@ -412,16 +451,42 @@ cdef class _HeadReader:
         return True
 
 
+cdef str read_envelope(_HeadReader reader, Event event, bytes value):
+    """Fills ``event``'s envelope fields from ``value``: None, or why it is not an envelope. Spina's own layout
+    is read without orjson (payload decoded on first use); any other value is decoded (and checked) whole."""
+    cdef object doc
+    if reader.read(event, value):
+        return None
+    try:
+        doc = _loads(value)
+    except orjson.JSONDecodeError as exc:
+        return f"message value is not JSON: {exc}"
+    try:
+        event.id = doc["id"]
+        event.type = doc["type"]
+        event.source = doc["source"]
+        event.aggregate_id = doc["aggregate_id"]
+        event.time = doc["time"]
+        event.schema_version = doc["schema_version"]
+        event.correlation_id = doc["correlation_id"]
+        event._payload = doc["payload"]
+    except (KeyError, TypeError):
+        return _why_not_envelope(doc)
+    if event.id is None or event.aggregate_id is None or event.type is None:
+        return _why_not_envelope(doc)
+    return None
+
+
 def decode_batch(list messages):
     """(events, undecodable [(message, reason)], errored messages, {(topic, partition): next offset}) for a
-    consumed batch; events keep the messages' order. Envelopes in EnvelopeWriter's layout are read without
-    orjson and their payloads decoded on first use; any other value is decoded (and checked) whole."""
+    batch of confluent-kafka Messages; events keep the messages' order (see read_envelope)."""
     cdef list events = []
     cdef list undecodable = []
     cdef list errored = []
     cdef dict offsets = {}
     cdef Event event
-    cdef object message, doc, value
+    cdef object message, value
+    cdef str reason
     cdef _HeadReader reader = _HeadReader()
     cdef str topic = None
     cdef object last_topic = None
@@ -438,38 +503,17 @@ def decode_batch(list messages):
         event.topic = topic
         event.partition = message.partition()
         event.offset = message.offset()
+        offsets[(event.topic, event.partition)] = event.offset + 1
         value = message.value()
         if value is None:
-            undecodable.append((message, "message has no value (a tombstone?), not a Spina event envelope"))
-            offsets[(event.topic, event.partition)] = event.offset + 1
+            undecodable.append((message, NO_VALUE))
             continue
-        if not reader.read(event, <bytes>value):
-            try:
-                doc = _loads(value)
-            except orjson.JSONDecodeError as exc:
-                undecodable.append((message, f"message value is not JSON: {exc}"))
-                offsets[(event.topic, event.partition)] = event.offset + 1
-                continue
-            try:
-                event.id = doc["id"]
-                event.type = doc["type"]
-                event.source = doc["source"]
-                event.aggregate_id = doc["aggregate_id"]
-                event.time = doc["time"]
-                event.schema_version = doc["schema_version"]
-                event.correlation_id = doc["correlation_id"]
-                event._payload = doc["payload"]
-            except (KeyError, TypeError):
-                undecodable.append((message, _why_not_envelope(doc)))
-                offsets[(event.topic, event.partition)] = event.offset + 1
-                continue
-            if event.id is None or event.aggregate_id is None or event.type is None:
-                undecodable.append((message, _why_not_envelope(doc)))
-                offsets[(event.topic, event.partition)] = event.offset + 1
-                continue
+        reason = read_envelope(reader, event, <bytes>value)
+        if reason is not None:
+            undecodable.append((message, reason))
+            continue
         event._message = message
         events.append(event)
-        offsets[(event.topic, event.partition)] = event.offset + 1
     return events, undecodable, errored, offsets
 
 

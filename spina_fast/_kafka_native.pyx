@@ -16,13 +16,14 @@ metadata structs, and the few enum values we use; they are part of librdkafka's 
 1.0). ``MIN_VERSION`` is checked at bind time.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM
 from libc.stdint cimport int32_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, strcmp
 from posix.dlfcn cimport RTLD_LOCAL, RTLD_NOW, dlerror, dlopen, dlsym
 
-from spina_fast._events cimport EncodedBatch
+from spina_fast._events cimport ConsumedMessage, EncodedBatch, Event, _HeadReader, read_envelope
 
 import glob
 import logging
@@ -31,6 +32,8 @@ import time
 import types
 
 import confluent_kafka
+
+from spina_fast._events import NO_VALUE
 
 from spina_fast.errors import InvalidRequest
 
@@ -74,7 +77,29 @@ cdef extern from *:
         char *orig_broker_name;
     } spina_rk_metadata_t;
 
+    typedef struct spina_rkqu_s spina_rkqu_t;        /* rd_kafka_queue_t */
+    typedef struct spina_hdrs_s spina_hdrs_t;        /* rd_kafka_headers_t */
+    typedef struct spina_error_s spina_error_t;      /* rd_kafka_error_t */
+
+    typedef struct {                                 /* rd_kafka_topic_partition_t, public layout */
+        char *topic;
+        int32_t partition;
+        int64_t offset;
+        void *metadata;
+        size_t metadata_size;
+        void *opaque;
+        int err;
+        void *_private;
+    } spina_tp_t;
+
+    typedef struct {                                 /* rd_kafka_topic_partition_list_t */
+        int cnt;
+        int size;
+        spina_tp_t *elems;
+    } spina_tplist_t;
+
     typedef void (*spina_dr_cb_t)(spina_rk_t *, const spina_rk_message_t *, void *);
+    typedef void (*spina_rebalance_cb_t)(spina_rk_t *, int, spina_tplist_t *, void *);
     typedef void (*spina_log_cb_t)(const spina_rk_t *, int, const char *, const char *);
 
     typedef struct {
@@ -102,6 +127,32 @@ cdef extern from *:
         int (*message_status)(const spina_rk_message_t *);
         int (*set_log_queue)(spina_rk_t *, void *);
         void *(*opaque)(const spina_rk_t *);
+        /* the consumer's (bound by spina_bind_consumer) */
+        int (*poll_set_consumer)(spina_rk_t *);
+        spina_rkqu_t *(*queue_get_consumer)(spina_rk_t *);
+        void (*queue_destroy)(spina_rkqu_t *);
+        ssize_t (*consume_batch_queue)(spina_rkqu_t *, int, spina_rk_message_t **, size_t);
+        void (*message_destroy)(spina_rk_message_t *);
+        const char *(*topic_name)(const spina_rkt_t *);
+        int (*message_headers)(const spina_rk_message_t *, spina_hdrs_t **);
+        int (*header_get_all)(const spina_hdrs_t *, size_t, const char **, const void **, size_t *);
+        int (*subscribe)(spina_rk_t *, const spina_tplist_t *);
+        spina_tplist_t *(*tplist_new)(int);
+        spina_tp_t *(*tplist_add)(spina_tplist_t *, const char *, int32_t);
+        void (*tplist_destroy)(spina_tplist_t *);
+        void (*conf_set_rebalance_cb)(spina_rk_conf_t *, spina_rebalance_cb_t);
+        int (*assign)(spina_rk_t *, const spina_tplist_t *);
+        spina_error_t *(*incremental_assign)(spina_rk_t *, const spina_tplist_t *);
+        spina_error_t *(*incremental_unassign)(spina_rk_t *, const spina_tplist_t *);
+        const char *(*error_string)(const spina_error_t *);
+        void (*error_destroy)(spina_error_t *);
+        const char *(*rebalance_protocol)(spina_rk_t *);
+        int (*assignment_lost)(spina_rk_t *);
+        int (*offsets_store)(spina_rk_t *, spina_tplist_t *);
+        int (*commit)(spina_rk_t *, const spina_tplist_t *, int);
+        int (*get_watermark_offsets)(spina_rk_t *, const char *, int32_t, int64_t *, int64_t *);
+        int (*consumer_close)(spina_rk_t *);
+        int (*fatal_error)(spina_rk_t *, char *, size_t);
     } spina_rk_api_t;
 
     static spina_rk_api_t spina_rk;
@@ -116,6 +167,7 @@ cdef extern from *:
     #define SPINA_VTYPE_MSGFLAGS 7
     #define SPINA_VTYPE_HEADER 9
     #define SPINA_RK_PRODUCER 0
+    #define SPINA_RK_CONSUMER 1
     #define SPINA_MSG_F_COPY 2
     #define SPINA_PARTITION_UA (-1)
     #define SPINA_PURGE_QUEUE 1
@@ -145,7 +197,8 @@ cdef extern from *:
        reports are served by rd_kafka_poll/flush, which only the poll thread calls). */
     typedef struct {
         spina_batch_t *done;
-        void *logger;               /* borrowed PyObject*, kept alive by the NativeProducer */
+        void *logger;               /* borrowed PyObject*, kept alive by the NativeProducer/NativeConsumer */
+        void *owner;                /* the NativeConsumer (borrowed), for its rebalance callback */
     } spina_state_t;
 
     static inline long spina_release(spina_batch_t *b, long n) {
@@ -229,8 +282,27 @@ cdef extern from *:
     ctypedef struct spina_rk_t
     ctypedef struct spina_rk_conf_t
     ctypedef struct spina_rkt_t
+    ctypedef struct spina_rkqu_t
+    ctypedef struct spina_hdrs_t
+    ctypedef struct spina_error_t
     ctypedef struct spina_rk_message_t:
         int err
+        spina_rkt_t* rkt
+        int32_t partition
+        void* payload
+        size_t len
+        void* key
+        size_t key_len
+        int64_t offset
+    ctypedef struct spina_tp_t:
+        char* topic
+        int32_t partition
+        int64_t offset
+        int err
+    ctypedef struct spina_tplist_t:
+        int cnt
+        spina_tp_t* elems
+    ctypedef void (*spina_rebalance_cb_t)(spina_rk_t*, int, spina_tplist_t*, void*) noexcept
     ctypedef struct spina_rk_md_topic_t:
         char* topic
         int err
@@ -262,6 +334,31 @@ cdef extern from *:
         const char* (*err2name)(int) noexcept nogil
         int (*set_log_queue)(spina_rk_t*, void*) noexcept nogil
         void* (*opaque)(const spina_rk_t*) noexcept nogil
+        int (*poll_set_consumer)(spina_rk_t*) noexcept nogil
+        spina_rkqu_t* (*queue_get_consumer)(spina_rk_t*) noexcept nogil
+        void (*queue_destroy)(spina_rkqu_t*) noexcept nogil
+        ssize_t (*consume_batch_queue)(spina_rkqu_t*, int, spina_rk_message_t**, size_t) noexcept nogil
+        void (*message_destroy)(spina_rk_message_t*) noexcept nogil
+        const char* (*topic_name)(const spina_rkt_t*) noexcept nogil
+        int (*message_headers)(const spina_rk_message_t*, spina_hdrs_t**) noexcept nogil
+        int (*header_get_all)(const spina_hdrs_t*, size_t, const char**, const void**, size_t*) noexcept nogil
+        int (*subscribe)(spina_rk_t*, const spina_tplist_t*) noexcept nogil
+        spina_tplist_t* (*tplist_new)(int) noexcept nogil
+        spina_tp_t* (*tplist_add)(spina_tplist_t*, const char*, int32_t) noexcept nogil
+        void (*tplist_destroy)(spina_tplist_t*) noexcept nogil
+        void (*conf_set_rebalance_cb)(spina_rk_conf_t*, spina_rebalance_cb_t) noexcept nogil
+        int (*assign)(spina_rk_t*, const spina_tplist_t*) noexcept nogil
+        spina_error_t* (*incremental_assign)(spina_rk_t*, const spina_tplist_t*) noexcept nogil
+        spina_error_t* (*incremental_unassign)(spina_rk_t*, const spina_tplist_t*) noexcept nogil
+        const char* (*error_string)(const spina_error_t*) noexcept nogil
+        void (*error_destroy)(spina_error_t*) noexcept nogil
+        const char* (*rebalance_protocol)(spina_rk_t*) noexcept nogil
+        int (*assignment_lost)(spina_rk_t*) noexcept nogil
+        int (*offsets_store)(spina_rk_t*, spina_tplist_t*) noexcept nogil
+        int (*commit)(spina_rk_t*, const spina_tplist_t*, int) noexcept nogil
+        int (*get_watermark_offsets)(spina_rk_t*, const char*, int32_t, int64_t*, int64_t*) noexcept nogil
+        int (*consumer_close)(spina_rk_t*) noexcept nogil
+        int (*fatal_error)(spina_rk_t*, char*, size_t) noexcept nogil
     spina_rk_api_t spina_rk
 
     ctypedef struct spina_failure_t:
@@ -279,8 +376,10 @@ cdef extern from *:
     ctypedef struct spina_state_t:
         spina_batch_t* done
         void* logger
+        void* owner
 
     int SPINA_RK_PRODUCER
+    int SPINA_RK_CONSUMER
     int SPINA_PURGE_QUEUE
     int SPINA_PURGE_INFLIGHT
     int SPINA_ERR_QUEUE_FULL
@@ -378,8 +477,54 @@ cdef _bind():
     spina_rk.set_log_queue = <int (*)(spina_rk_t*, void*) noexcept nogil>_symbol(handle, "rd_kafka_set_log_queue",
                                                                                  path)
     spina_rk.opaque = <void* (*)(const spina_rk_t*) noexcept nogil>_symbol(handle, "rd_kafka_opaque", path)
+    cdef const char* missing = NULL
+    if _bind_consumer(handle, &missing) != 0:
+        raise NativeUnavailable(f"{path} has no symbol {missing.decode()}: not a usable librdkafka")
     _library_path = path
     _bound = True
+
+
+cdef extern from *:
+    """
+    #include <dlfcn.h>
+
+    /* The consumer's functions, bound from C: one line each instead of a cast per signature. */
+    #define SPINA_BIND(field, name) do { \
+        void *f_ = dlsym(handle, name); \
+        if (!f_) { *missing = name; return -1; } \
+        *(void **)(&spina_rk.field) = f_; \
+    } while (0)
+
+    static int spina_bind_consumer(void *handle, const char **missing) {
+        SPINA_BIND(poll_set_consumer, "rd_kafka_poll_set_consumer");
+        SPINA_BIND(queue_get_consumer, "rd_kafka_queue_get_consumer");
+        SPINA_BIND(queue_destroy, "rd_kafka_queue_destroy");
+        SPINA_BIND(consume_batch_queue, "rd_kafka_consume_batch_queue");
+        SPINA_BIND(message_destroy, "rd_kafka_message_destroy");
+        SPINA_BIND(topic_name, "rd_kafka_topic_name");
+        SPINA_BIND(message_headers, "rd_kafka_message_headers");
+        SPINA_BIND(header_get_all, "rd_kafka_header_get_all");
+        SPINA_BIND(subscribe, "rd_kafka_subscribe");
+        SPINA_BIND(tplist_new, "rd_kafka_topic_partition_list_new");
+        SPINA_BIND(tplist_add, "rd_kafka_topic_partition_list_add");
+        SPINA_BIND(tplist_destroy, "rd_kafka_topic_partition_list_destroy");
+        SPINA_BIND(conf_set_rebalance_cb, "rd_kafka_conf_set_rebalance_cb");
+        SPINA_BIND(assign, "rd_kafka_assign");
+        SPINA_BIND(incremental_assign, "rd_kafka_incremental_assign");
+        SPINA_BIND(incremental_unassign, "rd_kafka_incremental_unassign");
+        SPINA_BIND(error_string, "rd_kafka_error_string");
+        SPINA_BIND(error_destroy, "rd_kafka_error_destroy");
+        SPINA_BIND(rebalance_protocol, "rd_kafka_rebalance_protocol");
+        SPINA_BIND(assignment_lost, "rd_kafka_assignment_lost");
+        SPINA_BIND(offsets_store, "rd_kafka_offsets_store");
+        SPINA_BIND(commit, "rd_kafka_commit");
+        SPINA_BIND(get_watermark_offsets, "rd_kafka_get_watermark_offsets");
+        SPINA_BIND(consumer_close, "rd_kafka_consumer_close");
+        SPINA_BIND(fatal_error, "rd_kafka_fatal_error");
+        return 0;
+    }
+    """
+    int _bind_consumer "spina_bind_consumer"(void* handle, const char** missing)
 
 
 cdef extern from *:
@@ -432,6 +577,74 @@ cdef str _conf_text(object value):
     if value is False:
         return "false"
     return str(value)
+
+
+cdef object _list_topics(spina_rk_t* rk, double timeout):
+    cdef const spina_rk_metadata_t* metadata = NULL
+    cdef int timeout_ms = max(1, int(timeout * 1000))
+    cdef int err
+    cdef int i
+    with nogil:
+        err = spina_rk.metadata(rk, 1, NULL, &metadata, timeout_ms)
+    if err:
+        raise _kafka_exception(err)
+    try:
+        topics = {metadata.topics[i].topic.decode(): metadata.topics[i].err for i in range(metadata.topic_cnt)}
+    finally:
+        spina_rk.metadata_destroy(metadata)
+    return types.SimpleNamespace(topics=topics)
+
+
+cdef object _kafka_exception(int err, str text=None):
+    return confluent_kafka.KafkaException(confluent_kafka.KafkaError(err, text or error_text(err)))
+
+
+cdef int _configure(spina_rk_conf_t* conf, dict settings, str role) except -1:
+    """Applies ``settings`` to ``conf`` with rd_kafka_conf_set; on a refusal destroys ``conf`` and raises
+    InvalidRequest naming the setting."""
+    cdef char errstr[512]
+    cdef bytes name_bytes, value_bytes
+    try:
+        for name, value in settings.items():
+            if callable(value):
+                raise InvalidRequest(f"librdkafka setting {name!r}: callbacks are not supported by Spina's "
+                                     f"{role} (it sets its own)", field=str(name))
+            name_bytes = str(name).encode()
+            value_bytes = _conf_text(value).encode()
+            if spina_rk.conf_set(conf, name_bytes, value_bytes, errstr, sizeof(errstr)) != 0:
+                raise InvalidRequest(f"librdkafka setting {name!r} = {value!r}: "
+                                     f"{errstr.decode(errors='replace')}", field=str(name))
+    except BaseException:
+        spina_rk.conf_destroy(conf)
+        raise
+    return 0
+
+
+cdef spina_rk_t* _new_handle(int kind, dict settings, spina_state_t* state, object logger) except NULL:
+    """A producer or consumer handle with ``settings`` (InvalidRequest naming a refused one), Spina's delivery
+    report or rebalance callback, ``state`` as opaque, and logs (to ``logger``) queued for the caller's
+    poll/fetch thread to serve instead of librdkafka's own threads."""
+    cdef char errstr[512]
+    cdef spina_rk_t* rk
+    cdef spina_rk_conf_t* conf = spina_rk.conf_new()
+    cdef str role = "producer" if kind == SPINA_RK_PRODUCER else "consumer"
+    state.logger = <void*>logger if logger is not None else NULL
+    settings.setdefault("log.queue", True)
+    _configure(conf, settings, role)
+    if kind == SPINA_RK_PRODUCER:
+        spina_rk.conf_set_dr_msg_cb(conf, spina_dr_cb)
+    else:
+        spina_rk.conf_set_rebalance_cb(conf, _rebalance_cb)
+    if logger is not None:
+        spina_rk.conf_set_log_cb(conf, _log_cb)
+    spina_rk.conf_set_opaque(conf, state)
+    with nogil:
+        rk = spina_rk.new_(kind, conf, errstr, sizeof(errstr))  # takes conf on success
+    if rk == NULL:
+        spina_rk.conf_destroy(conf)
+        raise InvalidRequest(f"librdkafka refused the {role} settings: {errstr.decode(errors='replace')}")
+    spina_rk.set_log_queue(rk, NULL)
+    return rk
 
 
 cdef class DeliveryBatch:
@@ -502,41 +715,13 @@ cdef class NativeProducer:
 
     def __cinit__(self, dict settings):
         _bind()
-        cdef char errstr[512]
-        cdef spina_rk_conf_t* conf = spina_rk.conf_new()
-        cdef bytes name_bytes, value_bytes
         self._topics = {}
         self._state.done = NULL
-        self._state.logger = NULL
+        self._state.owner = NULL
         settings = dict(settings)
         self._logger = settings.pop("logger", None)
-        if self._logger is not None:
-            self._state.logger = <void*>self._logger
         # Logs are served by rd_kafka_poll on the poll thread, not from librdkafka's own threads.
-        settings.setdefault("log.queue", True)
-        try:
-            for name, value in settings.items():
-                if callable(value):
-                    raise InvalidRequest(f"librdkafka setting {name!r}: callbacks are not supported by Spina's "
-                                         "producer (it sets its own)", field=name)
-                name_bytes = str(name).encode()
-                value_bytes = _conf_text(value).encode()
-                if spina_rk.conf_set(conf, name_bytes, value_bytes, errstr, sizeof(errstr)) != 0:
-                    raise InvalidRequest(f"librdkafka setting {name!r} = {value!r}: "
-                                         f"{errstr.decode(errors='replace')}", field=str(name))
-        except BaseException:
-            spina_rk.conf_destroy(conf)
-            raise
-        spina_rk.conf_set_dr_msg_cb(conf, spina_dr_cb)
-        if self._logger is not None:
-            spina_rk.conf_set_log_cb(conf, _log_cb)
-        spina_rk.conf_set_opaque(conf, &self._state)
-        with nogil:
-            self._rk = spina_rk.new_(SPINA_RK_PRODUCER, conf, errstr, sizeof(errstr))  # takes conf on success
-        if self._rk == NULL:
-            spina_rk.conf_destroy(conf)
-            raise InvalidRequest(f"librdkafka refused the producer settings: {errstr.decode(errors='replace')}")
-        spina_rk.set_log_queue(self._rk, NULL)
+        self._rk = _new_handle(SPINA_RK_PRODUCER, settings, &self._state, self._logger)
         self.left_after_close = 0
 
     def __dealloc__(self):
@@ -568,19 +753,9 @@ cdef class NativeProducer:
     def list_topics(self, timeout=10.0):
         """The cluster's metadata as confluent-kafka's list_topics gives it, as far as Spina reads it: an object
         whose ``topics`` maps names to error codes; KafkaException if no broker answered in ``timeout`` s."""
-        cdef const spina_rk_metadata_t* metadata = NULL
-        cdef int timeout_ms = max(1, int(timeout * 1000))
-        cdef int err
-        cdef int i
-        with nogil:
-            err = spina_rk.metadata(self._rk, 1, NULL, &metadata, timeout_ms)
-        if err:
-            raise confluent_kafka.KafkaException(confluent_kafka.KafkaError(err, error_text(err)))
-        try:
-            topics = {metadata.topics[i].topic.decode(): metadata.topics[i].err for i in range(metadata.topic_cnt)}
-        finally:
-            spina_rk.metadata_destroy(metadata)
-        return types.SimpleNamespace(topics=topics)
+        if self._rk == NULL:
+            raise RuntimeError("the producer is closed")
+        return _list_topics(self._rk, timeout)
 
     cdef spina_rkt_t* _topic(self, str topic) except NULL:
         address = self._topics.get(topic)
@@ -690,6 +865,405 @@ cdef class NativeProducer:
         """Asks serve() to flush for up to ``flush_timeout_s`` and return."""
         self._flush_ms = max(0, int(flush_timeout_s * 1000))
         self._stop = 1
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+
+# rd_kafka_resp_err_t values the consumer reads
+cdef enum:
+    _ERR_UNKNOWN = -1
+    _ERR_ASSIGN_PARTITIONS = -175
+    _ERR_REVOKE_PARTITIONS = -174
+    _ERR_FATAL = -150
+ERR_ASSIGN_PARTITIONS = _ERR_ASSIGN_PARTITIONS
+ERR_REVOKE_PARTITIONS = _ERR_REVOKE_PARTITIONS
+ERR_PARTITION_EOF = -191
+ERR_NO_OFFSET = -168
+ERR_FATAL = _ERR_FATAL
+cdef int _MAX_BATCH = 1_000_000
+
+
+cdef inline bint _is_derived_traceparent(str event_id, const char* value, size_t size) noexcept:
+    """True if ``value`` is 00-<id>-<id[16:]>-01, the traceparent Event.traceparent derives from the id."""
+    cdef Py_ssize_t id_size
+    cdef const char* id_text
+    if size != <size_t>_TRACEPARENT_SIZE or event_id is None:
+        return False
+    id_text = PyUnicode_AsUTF8AndSize(event_id, &id_size)
+    return (id_text != NULL and id_size == 32 and memcmp(value, b"00-", 3) == 0 and memcmp(value + 3, id_text, 32) == 0
+            and value[35] == 45 and memcmp(value + 36, id_text + 16, 16) == 0 and memcmp(value + 52, b"-01", 3) == 0)
+
+
+cdef list _headers(const spina_rk_message_t* m):
+    """The message's headers as confluent-kafka's Message.headers() gives them, None without any."""
+    cdef spina_hdrs_t* hdrs = NULL
+    cdef const char* name
+    cdef const void* value
+    cdef size_t size
+    cdef size_t index = 0
+    cdef list out
+    if spina_rk.message_headers(m, &hdrs) != 0:
+        return None
+    out = []
+    while spina_rk.header_get_all(hdrs, index, &name, &value, &size) == 0:
+        out.append((name.decode(errors="replace"),
+                    PyBytes_FromStringAndSize(<const char*>value, size) if value != NULL else None))
+        index += 1
+    return out or None
+
+
+cdef object _bytes_or_none(const void* data, size_t size):
+    return PyBytes_FromStringAndSize(<const char*>data, size) if data != NULL else None
+
+
+cdef int _follow_rebalance(spina_rk_t* rk, int err, spina_tplist_t* partitions, spina_error_t** error) noexcept nogil:
+    """(Un)assigns as the group decided, for its protocol: incremental for COOPERATIVE, the whole assignment
+    for EAGER (and on any other error: nothing assigned). Returns assign()'s error code; incremental ones
+    leave their error in ``*error``."""
+    cdef const char* protocol = spina_rk.rebalance_protocol(rk)
+    cdef bint cooperative = protocol != NULL and strcmp(protocol, b"COOPERATIVE") == 0
+    error[0] = NULL
+    if cooperative and err == _ERR_ASSIGN_PARTITIONS:
+        error[0] = spina_rk.incremental_assign(rk, partitions)
+    elif cooperative and err == _ERR_REVOKE_PARTITIONS:
+        error[0] = spina_rk.incremental_unassign(rk, partitions)
+    elif err == _ERR_ASSIGN_PARTITIONS:
+        return spina_rk.assign(rk, partitions)
+    else:
+        return spina_rk.assign(rk, NULL)
+    return 0
+
+
+cdef void _rebalance_cb(spina_rk_t* rk, int err, spina_tplist_t* partitions, void* opaque) noexcept with gil:
+    cdef spina_state_t* state = <spina_state_t*>opaque
+    cdef spina_error_t* error = NULL
+    if state != NULL and state.owner != NULL:
+        (<NativeConsumer>state.owner)._rebalance(rk, err, partitions)
+        return
+    # The NativeConsumer is being freed without close(): rd_kafka_destroy leaves the group, and waits for
+    # this callback to give the partitions up.
+    with nogil:
+        _follow_rebalance(rk, err, partitions, &error)
+    if error != NULL:
+        spina_rk.error_destroy(error)
+
+
+cdef class NativeConsumer:
+    """An rd_kafka_t consumer with the settings confluent-kafka's Consumer would take (``{"key": value}``,
+    ``"logger"`` a logging.Logger); bad settings raise InvalidRequest naming the key.
+
+    ``fetch()`` takes a batch off the consumer queue with the GIL released, decodes the envelopes in C from
+    librdkafka's payload buffers into Events and frees the messages: an event's only Python objects are its
+    Event, its strings and its value. Messages that are not envelopes come back as ConsumedMessage records.
+    The rebalance callback runs inside ``fetch()`` and ``close()`` (the caller's thread), calls
+    ``on_rebalance("assign" | "revoke" | "lost", [TopicPartition])`` and then (un)assigns for the group's
+    protocol (incremental for COOPERATIVE, whole assignment for EAGER), as confluent-kafka's Consumer does.
+
+    Threads: fetch/subscribe/close from one thread; commit, store_offsets and watermarks from any."""
+
+    cdef spina_rk_t* _rk
+    cdef spina_rkqu_t* _queue
+    cdef spina_state_t _state
+    cdef object _logger
+    cdef object _on_rebalance
+    cdef object _callback_error
+    cdef spina_rk_message_t** _messages
+    cdef Py_ssize_t _capacity
+    cdef _HeadReader _reader
+    cdef bytes _last_topic_name
+    cdef str _last_topic
+    cdef int _busy             # a call is in its GIL-released part: close() must wait for it
+
+    def __cinit__(self, dict settings):
+        _bind()
+        self._state.done = NULL
+        self._state.owner = <void*>self  # borrowed: the handle never outlives this object (close/__dealloc__)
+        self._reader = _HeadReader()
+        settings = dict(settings)
+        self._logger = settings.pop("logger", None)
+        # Logs go to the main queue, which poll_set_consumer forwards to the consumer queue: fetch() serves
+        # them on its own thread, not librdkafka's.
+        self._rk = _new_handle(SPINA_RK_CONSUMER, settings, &self._state, self._logger)
+        spina_rk.poll_set_consumer(self._rk)
+        self._queue = spina_rk.queue_get_consumer(self._rk)
+
+    def __dealloc__(self):
+        if self._rk != NULL:
+            # Not closed: rd_kafka_destroy leaves the group (the rebalance callback assigns on its own then).
+            self._state.owner = NULL
+            if self._queue != NULL:
+                spina_rk.queue_destroy(self._queue)
+            spina_rk.destroy(self._rk)
+            self._rk = NULL
+        free(self._messages)
+
+    cdef spina_rk_t* _handle(self) except NULL:
+        if self._rk == NULL:
+            raise RuntimeError("the consumer is closed")
+        return self._rk
+
+    def list_topics(self, timeout=10.0):
+        """Like NativeProducer.list_topics (for wait_for_cluster)."""
+        return _list_topics(self._handle(), timeout)
+
+    def subscribe(self, list topics, on_rebalance=None):
+        cdef spina_rk_t* rk = self._handle()
+        cdef spina_tplist_t* wanted = spina_rk.tplist_new(len(topics))
+        cdef int err
+        try:
+            for topic in topics:
+                spina_rk.tplist_add(wanted, (<str>topic).encode(), -1)  # RD_KAFKA_PARTITION_UA
+            self._on_rebalance = on_rebalance
+            err = spina_rk.subscribe(rk, wanted)
+        finally:
+            spina_rk.tplist_destroy(wanted)
+        if err:
+            raise _kafka_exception(err, f"subscribe to {', '.join(topics)}: {error_text(err)}")
+
+    cdef void _rebalance(self, spina_rk_t* rk, int err, spina_tplist_t* partitions) noexcept:
+        cdef int i
+        cdef spina_error_t* error = NULL
+        cdef int code = 0
+        try:
+            kind = ("assign" if err == _ERR_ASSIGN_PARTITIONS else
+                    ("lost" if spina_rk.assignment_lost(rk) else "revoke") if err == _ERR_REVOKE_PARTITIONS else None)
+            if kind is not None and self._on_rebalance is not None:
+                self._on_rebalance(kind, [confluent_kafka.TopicPartition(partitions.elems[i].topic.decode(),
+                                                                         partitions.elems[i].partition,
+                                                                         partitions.elems[i].offset)
+                                          for i in range(partitions.cnt)])
+        except BaseException as exc:  # raised again by the fetch() or close() this callback runs in
+            if self._callback_error is None:
+                self._callback_error = exc
+        # Whatever the callback did, the assignment follows the group: librdkafka waits for this call.
+        with nogil:
+            code = _follow_rebalance(rk, err, partitions, &error)
+        try:
+            if error != NULL:
+                text = spina_rk.error_string(error).decode(errors="replace")
+                spina_rk.error_destroy(error)
+                raise _kafka_exception(_ERR_UNKNOWN, f"incremental (un)assign failed: {text}")
+            if code:
+                raise _kafka_exception(code, f"assign failed: {error_text(code)}")
+        except BaseException as exc:
+            if self._callback_error is None:
+                self._callback_error = exc
+
+    def fetch(self, Py_ssize_t max_batch, double first_timeout_s, double batch_wait_s):
+        """Up to ``max_batch`` messages: waits up to ``first_timeout_s`` for the first, then up to
+        ``batch_wait_s`` for the rest. Returns (events, undecodable [(ConsumedMessage, reason)], errors
+        [(topic, partition, offset, error code, text)], {(topic, partition): next offset}); events keep the
+        fetch order. Errors raised by the rebalance callback are raised here."""
+        cdef spina_rk_t* rk = self._handle()
+        cdef ssize_t count = 0
+        cdef ssize_t more = 0
+        cdef ssize_t i
+        cdef int first_ms = max(0, int(first_timeout_s * 1000))
+        cdef int wait_ms = max(0, int(batch_wait_s * 1000))
+        if not 0 < max_batch <= _MAX_BATCH:
+            raise ValueError(f"max_batch {max_batch}: expected 1 to {_MAX_BATCH:,}")
+        if max_batch > self._capacity:
+            free(self._messages)
+            self._messages = NULL
+            self._capacity = 0
+            self._messages = <spina_rk_message_t**>malloc(max_batch * sizeof(spina_rk_message_t*))
+            if self._messages == NULL:
+                raise MemoryError()
+            self._capacity = max_batch
+        self._busy = 1
+        try:
+            with nogil:
+                count = spina_rk.consume_batch_queue(self._queue, first_ms, self._messages, 1)
+                if count == 1 and max_batch > 1:
+                    more = spina_rk.consume_batch_queue(self._queue, wait_ms, self._messages + 1,
+                                                        <size_t>(max_batch - 1))
+                    if more > 0:
+                        count += more
+        finally:
+            self._busy = 0
+        if count < 0:
+            count = 0
+        try:
+            result = self._decode(count)
+        finally:
+            with nogil:
+                for i in range(count):
+                    spina_rk.message_destroy(self._messages[i])
+        self._raise_callback_error()
+        return result
+
+    cdef _raise_callback_error(self):
+        error = self._callback_error
+        if error is not None:
+            self._callback_error = None
+            raise error
+
+    cdef str _topic_of(self, const spina_rk_message_t* m):
+        cdef const char* name
+        if m.rkt == NULL:
+            return ""
+        name = spina_rk.topic_name(m.rkt)
+        if self._last_topic_name is None or strcmp(name, PyBytes_AS_STRING(self._last_topic_name)) != 0:
+            self._last_topic_name = <bytes>name
+            self._last_topic = self._last_topic_name.decode(errors="replace")
+        return self._last_topic
+
+    cdef ConsumedMessage _record(self, const spina_rk_message_t* m, str topic, value):
+        return ConsumedMessage(topic, m.partition, m.offset, _bytes_or_none(m.key, m.key_len), value, _headers(m))
+
+    cdef tuple _decode(self, ssize_t count):
+        cdef list events = []
+        cdef list undecodable = []
+        cdef list errors = []
+        cdef dict offsets = {}
+        cdef ssize_t i
+        cdef const spina_rk_message_t* m
+        cdef Event event
+        cdef str topic
+        cdef str reason
+        cdef object value
+        cdef char errstr[512]
+        # The offsets of one partition's run of messages are noted once, at its end.
+        cdef str run_topic = None
+        cdef int32_t run_partition = -1
+        cdef int64_t run_next = -1
+        for i in range(count):
+            m = self._messages[i]
+            topic = self._topic_of(m)
+            if m.err:
+                if m.err == _ERR_FATAL:
+                    spina_rk.fatal_error(self._rk, errstr, sizeof(errstr))
+                    text = errstr.decode(errors="replace")
+                elif m.payload != NULL:
+                    text = PyBytes_FromStringAndSize(<const char*>m.payload, m.len).decode(errors="replace")
+                else:
+                    text = error_text(m.err)
+                errors.append((topic, m.partition, m.offset, m.err, text))
+                continue
+            if run_topic is not topic or run_partition != m.partition:
+                if run_topic is not None:
+                    offsets[(run_topic, run_partition)] = run_next
+                run_topic, run_partition = topic, m.partition
+            run_next = m.offset + 1
+            if m.payload == NULL:
+                undecodable.append((self._record(m, topic, None), NO_VALUE))
+                continue
+            value = PyBytes_FromStringAndSize(<const char*>m.payload, m.len)
+            event = Event.__new__(Event)
+            event._payload_end = -1
+            event.topic = topic
+            event.partition = m.partition
+            event.offset = m.offset
+            reason = read_envelope(self._reader, event, <bytes>value)
+            if reason is not None:
+                undecodable.append((self._record(m, topic, value), reason))
+                continue
+            event._native = True
+            event._value = value
+            self._note_key_and_headers(event, m)
+            events.append(event)
+        if run_topic is not None:
+            offsets[(run_topic, run_partition)] = run_next
+        return events, undecodable, errors, offsets
+
+    cdef int _note_key_and_headers(self, Event event, const spina_rk_message_t* m) except -1:
+        """Keeps on the Event what its message had beyond the envelope: nothing in the usual case (key = the
+        aggregate id, no header but the traceparent derived from the id), else (key, headers) in _extra."""
+        cdef spina_hdrs_t* hdrs = NULL
+        cdef const char* name
+        cdef const void* value
+        cdef size_t size
+        cdef Py_ssize_t id_size
+        cdef const char* aggregate = PyUnicode_AsUTF8AndSize(event.aggregate_id, &id_size)
+        cdef bint same_key = (m.key != NULL and <size_t>id_size == m.key_len
+                              and memcmp(m.key, aggregate, id_size) == 0)
+        cdef list headers = None
+        if spina_rk.message_headers(m, &hdrs) == 0:
+            if (spina_rk.header_get_all(hdrs, 0, &name, &value, &size) == 0
+                    and spina_rk.header_get_all(hdrs, 1, &name, &value, &size) != 0):
+                spina_rk.header_get_all(hdrs, 0, &name, &value, &size)
+                if (strcmp(name, b"traceparent") == 0 and value != NULL
+                        and _is_derived_traceparent(event.id, <const char*>value, size)):
+                    event._tp_header = True
+                else:
+                    headers = _headers(m)
+            else:
+                headers = _headers(m)
+        if headers is not None:
+            for header_name, header_value in headers:
+                if header_name == "traceparent" and header_value is not None:
+                    event._traceparent = header_value.decode("ascii", "replace")
+                    break
+        if not same_key or headers is not None:
+            event._extra = (_bytes_or_none(m.key, m.key_len), headers)
+        return 0
+
+    cdef spina_tplist_t* _tplist(self, offsets) except NULL:
+        cdef spina_tplist_t* out = spina_rk.tplist_new(max(1, len(offsets)))
+        cdef spina_tp_t* tp
+        for item in offsets:
+            tp = spina_rk.tplist_add(out, (<str>item.topic).encode(), item.partition)
+            tp.offset = item.offset
+        return out
+
+    def store_offsets(self, offsets):
+        """Stores ``offsets`` ([TopicPartition]: the next offset to consume) for the next commit."""
+        cdef spina_rk_t* rk = self._handle()
+        cdef spina_tplist_t* wanted = self._tplist(offsets)
+        cdef int err
+        cdef int i
+        try:
+            err = spina_rk.offsets_store(rk, wanted)
+            if err:
+                failed = [f"{wanted.elems[i].topic.decode()}[{wanted.elems[i].partition}]: "
+                          f"{error_text(wanted.elems[i].err)}" for i in range(wanted.cnt) if wanted.elems[i].err]
+                raise _kafka_exception(err, f"{error_text(err)}: {', '.join(failed)}")
+        finally:
+            spina_rk.tplist_destroy(wanted)
+
+    def commit(self, offsets=None, bint asynchronous=False):
+        """Commits ``offsets`` ([TopicPartition]), or every stored offset of the assignment if None; waits for
+        the broker's answer unless ``asynchronous``. KafkaException on failure (ERR_NO_OFFSET: nothing to
+        commit)."""
+        cdef spina_rk_t* rk = self._handle()
+        cdef spina_tplist_t* wanted = self._tplist(offsets) if offsets is not None else NULL
+        cdef int err
+        try:
+            with nogil:
+                err = spina_rk.commit(rk, wanted, asynchronous)
+        finally:
+            if wanted != NULL:
+                spina_rk.tplist_destroy(wanted)
+        if err:
+            raise _kafka_exception(err)
+
+    def get_watermark_offsets(self, str topic, int partition):
+        """(low, high) watermarks as last seen in fetch responses (no broker round trip)."""
+        cdef int64_t low = -1
+        cdef int64_t high = -1
+        cdef int err = spina_rk.get_watermark_offsets(self._handle(), topic.encode(), partition, &low, &high)
+        if err:
+            raise _kafka_exception(err)
+        return low, high
+
+    def close(self):
+        """Leaves the group (the rebalance callback runs for the revoke; enable.auto.commit commits the stored
+        offsets) and frees the handle. Idempotent; callback errors are raised after the handle is freed."""
+        cdef spina_rk_t* rk = self._rk
+        if rk == NULL:
+            return
+        while self._busy:
+            time.sleep(0.001)
+        with nogil:
+            spina_rk.consumer_close(rk)
+        self._rk = NULL
+        self._state.owner = NULL
+        with nogil:
+            spina_rk.queue_destroy(self._queue)
+            spina_rk.destroy(rk)
+        self._queue = NULL
+        self._raise_callback_error()
 
 
 # Bound at import: a missing or too old librdkafka is an ImportError naming the problem when the events

@@ -8,6 +8,12 @@ its handler returned, or after it was written to ``<topic>.dlq``. With the defau
 a batch's synchronous commit runs while the next batch is fetched and has landed before that batch reaches
 the handler, so a crash redelivers one batch: the one in the handler, or the last one handled if its commit
 was still in flight. With "async" or "interval", everything handled since the last commit that landed.
+
+The consumer is librdkafka's, called directly (``spina_fast._kafka_native.NativeConsumer``, the same binding
+as the producer's): a fetch is one GIL-released call into a C array, envelopes are decoded from librdkafka's
+buffers into Events, and no per-message Python object is built besides the Event (confluent-kafka's Message
+objects and their copied headers were a tenth of the consumer's CPU in the cycle collector alone). Its
+rebalance callback runs inside the fetch, on the fetch thread, exactly where confluent-kafka's ran.
 """
 
 from __future__ import annotations
@@ -22,19 +28,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
+from spina_fast._kafka_native import ERR_FATAL, ERR_PARTITION_EOF, NativeConsumer
 from spina_fast.errors import NotFound, SpinaError
 from spina_fast.events._kafka import kafka_error, wait_for_cluster
 from spina_fast.events.config import ConsumerConfig, kafka_log
-from spina_fast.events.envelope import EnvelopeError, Event, decode_batch
+from spina_fast.events.envelope import EnvelopeError, Event
 from spina_fast.events.errors import DeadLetterFailed
 from spina_fast.events.topics import dlq_topic, validate_topic
 
 log = logging.getLogger("spina_fast.events")
 
 BatchHandler = Callable[[list[Event]], Awaitable[None] | None]
+# NativeConsumer.fetch(): events, undecodable [(message, reason)], errors [(topic, partition, offset, code, text)],
+# {(topic, partition): next offset}
+Fetched = tuple[list[Event], list[tuple[Any, str]], list[tuple[str, int, int, int, str]], dict[tuple[str, int], int]]
 
 # Headers added to a dead-lettered message (its own headers, e.g. traceparent, are kept).
 ERROR_HEADER = "spina-error"
@@ -82,7 +92,7 @@ class EventConsumer:
         self.handler = handler
         self._lag = lag_gauge(registry) if registry is not None else None
         self._stopping = threading.Event()
-        self._consumer: Any = None
+        self._consumer: NativeConsumer | None = None
         self._dlq_producer: Any = None
         # (topic, partition) -> next offset to handle, as stored; read by the lag update.
         self._positions: dict[tuple[str, int], int] = {}
@@ -106,7 +116,7 @@ class EventConsumer:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(1, thread_name_prefix="spina-events-consumer")
-        consumer = Consumer(self.config.librdkafka())
+        consumer = NativeConsumer(self.config.librdkafka())
         self._consumer = consumer
         if self._commit_mode == "batch":
             self._committer = ThreadPoolExecutor(1, thread_name_prefix="spina-events-commit")
@@ -121,14 +131,13 @@ class EventConsumer:
                 raise NotFound(f"topic(s) {', '.join(missing)} do not exist on {self.config.bootstrap_servers}; "
                                f"provision them first (spina events topics create ...; dead-letter topics are "
                                f"created with their topic)")
-            await loop.run_in_executor(executor, lambda: consumer.subscribe(
-                self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost))
+            await loop.run_in_executor(executor, consumer.subscribe, self.topics, self._on_rebalance)
             subscribed = True
             while not self._stopping.is_set():
-                messages = await loop.run_in_executor(executor, self._step, pending)
+                fetched = await loop.run_in_executor(executor, self._step, pending)
                 pending = []
-                if messages:
-                    pending = await self._process(messages)
+                if fetched is not None:
+                    pending = await self._process(fetched)
         finally:
             try:
                 await asyncio.shield(loop.run_in_executor(executor, self._close, pending if subscribed else []))
@@ -143,8 +152,9 @@ class EventConsumer:
 
     # ---- the fetch thread ----
 
-    def _step(self, offsets: list[TopicPartition]) -> list[Any]:
+    def _step(self, offsets: list[TopicPartition]) -> Fetched | None:
         consumer = self._consumer
+        assert consumer is not None, "the fetch thread runs only while run() holds a consumer"
         if offsets:
             self._store(consumer, offsets, overlap=True)
         try:
@@ -152,13 +162,10 @@ class EventConsumer:
             if now >= self._next_lag_update:
                 self._next_lag_update = now + self.config.lag_interval_s
                 self._update_lag(consumer)
-            first = consumer.poll(self.config.poll_timeout_s)
-            if first is None:
-                return []
-            if self.config.max_batch == 1:
-                return [first]
-            # What else is fetched, waiting up to batch_wait for more (never on the priority lane).
-            return [first, *consumer.consume(self.config.max_batch - 1, self._batch_wait)]
+            # Up to poll_timeout for a first message, then up to batch_wait for the rest (0 on the priority lane).
+            fetched: Fetched = consumer.fetch(self.config.max_batch, self.config.poll_timeout_s, self._batch_wait)
+            events, undecodable, errors, _offsets = fetched
+            return fetched if events or undecodable or errors else None
         finally:
             # The previous batch's commit has landed (or failed and was logged) before the next batch can reach
             # the handler: a crash redelivers either that batch (commit in flight) or the one in the handler,
@@ -170,7 +177,7 @@ class EventConsumer:
             self._commit_in_flight.result()
             self._commit_in_flight = None
 
-    def _store(self, consumer: Any, offsets: list[TopicPartition], overlap: bool = False) -> None:
+    def _store(self, consumer: NativeConsumer, offsets: list[TopicPartition], overlap: bool = False) -> None:
         # A rebalance inside the consume() that completed the batch may have taken some of its partitions:
         # their new owners redeliver from the last commit (at-least-once), and nothing is committed for them.
         offsets = [tp for tp in offsets if (tp.topic, tp.partition) in self.assigned]
@@ -188,7 +195,8 @@ class EventConsumer:
             self._commit(consumer, offsets, asynchronous=self._commit_mode == "async")
 
     @staticmethod
-    def _commit(consumer: Any, offsets: list[TopicPartition] | None = None, asynchronous: bool = False) -> None:
+    def _commit(consumer: NativeConsumer, offsets: list[TopicPartition] | None = None,
+                asynchronous: bool = False) -> None:
         """Commits ``offsets`` (default: every stored offset of the assignment)."""
         try:
             if offsets is None:
@@ -200,29 +208,41 @@ class EventConsumer:
             if error is None or error.code() != KafkaError._NO_OFFSET:
                 log.warning("offset commit failed (the background commit retries): %s", exc)
 
-    def _update_lag(self, consumer: Any) -> None:
+    def _update_lag(self, consumer: NativeConsumer) -> None:
         if self._lag is None:
             return
         for (topic, partition), position in list(self._positions.items()):
             try:
-                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+                _low, high = consumer.get_watermark_offsets(topic, partition)
             except KafkaException:
                 continue
             if high >= 0:
                 self._lag.labels(topic, str(partition), self.config.group_id).set(max(0, high - position))
 
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_rebalance(self, kind: str, partitions: list[TopicPartition]) -> None:
+        """NativeConsumer's rebalance callback (on the fetch thread, inside fetch() or close()); it (un)assigns
+        after this returns."""
+        consumer = self._consumer
+        assert consumer is not None, "rebalances happen only while run() holds a consumer"
+        if kind == "assign":
+            self._on_assign(consumer, partitions)
+        elif kind == "revoke":
+            self._on_revoke(consumer, partitions)
+        else:
+            self._on_lost(consumer, partitions)
+
+    def _on_assign(self, consumer: NativeConsumer, partitions: list[TopicPartition]) -> None:
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: NativeConsumer, partitions: list[TopicPartition]) -> None:
         # No batch is in the handler now (see the module doc): every handled offset is stored, commit them
         # so the partition's next owner starts right after them.
         self._settle_commit()
         self._commit(consumer)
         self._forget(partitions)
 
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: NativeConsumer, partitions: list[TopicPartition]) -> None:
         self._forget(partitions)  # the group moved on without us: committing now would be refused
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
@@ -237,6 +257,7 @@ class EventConsumer:
 
     def _close(self, offsets: list[TopicPartition]) -> None:
         consumer = self._consumer
+        assert consumer is not None, "closed only by run()"
         self._settle_commit()
         if offsets:
             self._store(consumer, offsets)
@@ -246,15 +267,14 @@ class EventConsumer:
 
     # ---- the event loop ----
 
-    async def _process(self, messages: list[Any]) -> list[TopicPartition]:
+    async def _process(self, fetched: Fetched) -> list[TopicPartition]:
         """Handles one fetched batch; returns the offsets to store once it is done."""
-        events, undecodable, errored, offsets = decode_batch(messages)
-        for message in errored:
-            error = message.error()
-            if error.fatal():
-                raise KafkaException(error)
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error on %s [%s]: %s", message.topic(), message.partition(), error.str())
+        events, undecodable, errors, offsets = fetched
+        for topic, partition, _offset, code, text in errors:
+            if code == ERR_FATAL:
+                raise KafkaException(KafkaError(code, text, fatal=True))
+            if code != ERR_PARTITION_EOF:
+                log.warning("consumer error on %s [%s]: %s", topic, partition, text)
         for message, reason in undecodable:
             await self._dead_letter(message, EnvelopeError(reason), 0)
         if events:
