@@ -256,6 +256,8 @@ class RaftNode:
         self._reads: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._forwards: dict[int, tuple[asyncio.Future[Any], int, bytes]] = {}
+        # Forwards waiting for a leader or a connection to it, in submission order (_drain_forward_backlog).
+        self._forward_backlog: deque[tuple[int, bytes, asyncio.Future[Any]]] | None = None
         self._request_ids = itertools.count(1)
         self._expiries: deque[tuple[float, asyncio.Future[Any]]] = deque()  # submit(): see _expire_submitted
         self._last_leader_contact = 0.0
@@ -974,55 +976,64 @@ class RaftNode:
             self._forward(KIND_FORWARD, command, future)
 
     def _forward(self, kind: int, body: bytes, future: asyncio.Future[Any]) -> None:
+        """Send a write (or admin request) to the leader. While no leader is known, or the connection to it is
+        not up yet, it waits in one backlog with the others, so a client's pipelined writes reach the leader in
+        the order sent: a later one must not overtake an earlier one that is still waiting."""
         if future.done():
             return
+        if self._forward_backlog is not None:
+            self._forward_backlog.append((kind, body, future))
+            return
         leader = self.leader_id
-        if leader is None or leader == self.node_id:
-            # Mid-election: wait briefly for a leader rather than fail a write that can still go through.
-            self._spawn(self._forward_when_leader_known(kind, body, future))
+        if leader is None or leader == self.node_id or not self.transport.is_connected(leader):
+            # Mid-election, or we learnt of a leader (from its appends) before our own connection to it is
+            # up: wait briefly rather than fail a write that can still go through.
+            self._forward_backlog = deque([(kind, body, future)])
+            self._spawn(self._drain_forward_backlog())
             return
-        if not self.transport.is_connected(leader):
-            # We may learn of a leader (from its appends) before our own connection to it is up.
-            self._spawn(self._forward_when_connected(leader, kind, body, future))
-            return
+        self._send_forward(leader, kind, body, future)
+
+    def _send_forward(self, leader: str, kind: int, body: bytes, future: asyncio.Future[Any]) -> None:
         request_id = next(self._request_ids)
         self._forwards[request_id] = (future, kind, body)
         future.add_done_callback(lambda _: self._forwards.pop(request_id, None))
         self._queue_frame(leader, encode_frame(kind, _FORWARD.pack(request_id) + body), future)
 
-    async def _forward_when_leader_known(self, kind: int, body: bytes, future: asyncio.Future[Any]) -> None:
+    async def _drain_forward_backlog(self) -> None:
+        """Sends the backlog, in order, as soon as a leader is known and connected (or proposes it here if this
+        node leads by then); fails what is left after ``FORWARD_CONNECT_SECONDS``."""
+        backlog = self._forward_backlog
+        assert backlog is not None
         deadline = time.monotonic() + FORWARD_CONNECT_SECONDS
-        while not future.done() and self._running:
-            leader = self.leader_id
-            if leader is not None and leader != self.node_id:
-                self._forward(kind, body, future)
-                return
-            if self.is_leader and self.core.transfer_target is None:
-                if kind == KIND_FORWARD:
-                    self._proposals.append((body, future))
+        try:
+            while self._running:
+                leader = self.leader_id
+                if self.is_leader and self.core.transfer_target is None:
+                    for kind, body, future in backlog:
+                        if future.done():
+                            continue
+                        if kind == KIND_FORWARD:
+                            self._proposals.append((body, future))
+                        else:
+                            request = orjson.loads(body)
+                            self._spawn(self._admin_into(future, request["op"], request["args"]))
                     self._flush_proposals()
-                else:
-                    request = orjson.loads(body)
-                    self._spawn(self._admin_into(future, request["op"], request["args"]))
-                return
-            if time.monotonic() > deadline:
-                future.set_exception(Unavailable("no leader is known; the cluster may be electing one"))
-                return
-            await asyncio.sleep(self.tick_seconds / 2)
-
-    async def _forward_when_connected(self, leader: str, kind: int, body: bytes,
-                                      future: asyncio.Future[Any]) -> None:
-        # Whichever comes first: the connection to ``leader``, or news of another leader (the one we knew
-        # may just have handed over and shut down).
-        deadline = time.monotonic() + FORWARD_CONNECT_SECONDS
-        while not future.done() and self._running:
-            if self.leader_id != leader or self.transport.is_connected(leader):
-                self._forward(kind, body, future)
-                return
-            if time.monotonic() > deadline:
-                future.set_exception(Unavailable(f"the leader {leader} is not reachable from this node"))
-                return
-            await asyncio.sleep(self.tick_seconds / 5)
+                    return
+                if leader is not None and leader != self.node_id and self.transport.is_connected(leader):
+                    for kind, body, future in backlog:
+                        if not future.done():
+                            self._send_forward(leader, kind, body, future)
+                    return
+                if time.monotonic() > deadline:
+                    error = (Unavailable("no leader is known; the cluster may be electing one") if leader is None
+                             else Unavailable(f"the leader {leader} is not reachable from this node"))
+                    for _, _, future in backlog:
+                        if not future.done():
+                            future.set_exception(error)
+                    return
+                await asyncio.sleep(self.tick_seconds / 5)
+        finally:
+            self._forward_backlog = None
 
     def _serve_forward(self, src: str, request_id: int, command: bytes) -> None:
         """A write a follower forwarded: proposed at once, so one follower's writes reach the log in the order
@@ -1099,7 +1110,7 @@ class RaftNode:
             future.set_result(orjson.loads(body))
         elif status == _FORWARD_NOT_LEADER:
             # It never reached a leader's log: send it again to whoever leads now.
-            self._spawn(self._forward_when_leader_known(kind, request, future))
+            self._forward(kind, request, future)
         else:
             error = orjson.loads(body)
             exc_type = InvalidRequest if error.get("code") == InvalidRequest.code else Unavailable

@@ -102,3 +102,32 @@ def test_nodes_of_one_cluster_take_their_snapshots_at_staggered_indexes(tmp_path
     finally:
         for node in nodes:
             node.storage.close()
+
+
+async def test_forwarded_writes_keep_their_order_while_the_connection_to_the_leader_comes_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower's writes that wait for its connection to the leader are not overtaken by later ones: a
+    pipelined ``PUT a?cas=0`` ... ``PUT a`` from one client would otherwise commit the last one first."""
+    addresses = {"n1": HostPort("127.0.0.1", 7001), "n2": HostPort("127.0.0.1", 7002)}
+    node = RaftNode("n1", addresses["n1"], {"n2": addresses["n2"]}, tmp_path / "n1", ReplicatedState(),
+                    tick_seconds=0.01)
+    connected = False
+    sent: list[bytes] = []
+    monkeypatch.setattr(RaftNode, "leader_id", property(lambda self: "n2"))
+    monkeypatch.setattr(node.transport, "is_connected", lambda peer: connected)
+    monkeypatch.setattr(node, "_queue_frame", lambda peer, frame, future=None: sent.append(frame))
+    node._running = True
+    loop = asyncio.get_running_loop()
+    names = [b"first", b"second", b"third"]
+    futures = [loop.create_future() for _ in names]
+    try:
+        node._forward(node_module.KIND_FORWARD, names[0], futures[0])
+        node._forward(node_module.KIND_FORWARD, names[1], futures[1])
+        connected = True  # the third comes after the connection is up, behind two that still wait
+        node._forward(node_module.KIND_FORWARD, names[2], futures[2])
+        await wait_until(lambda: len(sent) == 3, 10, "the three writes to be sent to the leader")
+        assert [next(name for name in names if name in frame) for frame in sent] == names
+    finally:
+        node._running = False
+        node.storage.close()
