@@ -49,6 +49,7 @@ cdef class _HeadReader:
     cdef inline Py_ssize_t _string_end(self) noexcept
     cdef object _string(self)
     cdef object _cached(self, int which)
+    cdef object _field(self, const char* name, Py_ssize_t size, int cached)
     cdef bint read(self, Event event, bytes value)
 
 

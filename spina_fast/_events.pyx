@@ -381,6 +381,13 @@ cdef class _HeadReader:
         self.pos = stop + 1
         return text
 
+    cdef object _field(self, const char* name, Py_ssize_t size, int cached):
+        """The string after the literal ``name`` (``_cached(cached)``, or ``_string`` when ``cached`` < 0), or
+        None if either is not there."""
+        if not self._literal(name, size):
+            return None
+        return self._string() if cached < 0 else self._cached(cached)
+
     cdef bint read(self, Event event, bytes value):
         cdef object text
         cdef long long number = 0
@@ -392,36 +399,15 @@ cdef class _HeadReader:
         if self.end < 2 or self.buf[self.end - 1] != 125:  # }
             return False
         self.end -= 1
-        if not self._literal(b'{"id":', 6):
+        # Each field only if the ones before it were there: the first missing one sends the value to orjson.
+        ident = self._field(b'{"id":', 6, -1)
+        kind = self._field(b',"type":', 8, 0) if ident is not None else None
+        source = self._field(b',"source":', 10, 1) if kind is not None else None
+        aggregate = self._field(b',"aggregate_id":', 16, -1) if source is not None else None
+        when = self._field(b',"time":', 8, 2) if aggregate is not None else None
+        if when is None:
             return False
-        text = self._string()
-        if text is None:
-            return False
-        event.id = text
-        if not self._literal(b',"type":', 8):
-            return False
-        text = self._cached(0)
-        if text is None:
-            return False
-        event.type = text
-        if not self._literal(b',"source":', 10):
-            return False
-        text = self._cached(1)
-        if text is None:
-            return False
-        event.source = text
-        if not self._literal(b',"aggregate_id":', 16):
-            return False
-        text = self._string()
-        if text is None:
-            return False
-        event.aggregate_id = text
-        if not self._literal(b',"time":', 8):
-            return False
-        text = self._cached(2)
-        if text is None:
-            return False
-        event.time = text
+        event.id, event.type, event.source, event.aggregate_id, event.time = ident, kind, source, aggregate, when
         if not self._literal(b',"schema_version":', 18):
             return False
         if self.pos < self.end and self.buf[self.pos] == 45:  # -
