@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 
+from spina_fast._kv import apply_plain
 from spina_fast.errors import InvalidRequest
-from spina_fast.kv.config import ConfigStore
+from spina_fast.kv.config import CONFIG_PREFIX, ConfigStore
 from spina_fast.kv.store import KVStore
 from spina_fast.registry import InvalidRegistration, RegistryStore
 from spina_fast.registry.watch import RegistryWatches
@@ -34,6 +35,7 @@ def encode_registry_batch(commands: Iterable[bytes]) -> bytes:
 
 _SNAPSHOT_MAGIC = b"SPINA-STATE-1\n"
 _PART_LENGTH = struct.Struct(">Q")
+_CONFIG_PREFIX_BYTES = CONFIG_PREFIX.encode()
 
 
 def _split_snapshot(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -82,6 +84,10 @@ class ReplicatedState:
     def apply(self, index: int, command: bytes) -> Any:
         module = command[:1]
         if module == MODULE_KV:
+            # Nearly every write is a plain put or delete outside config/: straight to the KV, in Cython.
+            result = apply_plain(self.kv, index, command, 1, _CONFIG_PREFIX_BYTES)
+            if result is not None:
+                return result
             return self.config.apply_kv(index, command[1:])
         if module == MODULE_REGISTRY:
             return self._apply_registry(index, command[1:])

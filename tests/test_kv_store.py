@@ -85,6 +85,40 @@ def test_same_commands_give_same_hash_and_snapshots_restore_exactly(log: list[by
     assert restored.keys("") == first.keys("")
 
 
+parity_commands = st.lists(st.one_of(
+    st.builds(lambda k, v, f, c: encode_put(k, v, flags=f, cas=c),
+              st.sampled_from(["a", "a/b", "b", "é/ü", "config/x"]), st.binary(max_size=8),
+              st.integers(0, (1 << 64) - 1), st.none() | st.integers(0, 8)),
+    st.builds(lambda k, c: encode_delete(k, cas=c), st.sampled_from(["a", "a/b", "zz", "é/ü"]),
+              st.none() | st.integers(0, 8)),
+    st.builds(lambda k: encode_delete(k, recurse=True), st.sampled_from(["a", ""])),
+), max_size=40)
+
+
+@given(parity_commands)
+def test_the_cython_apply_path_matches_the_general_one(log: list[bytes]) -> None:
+    """``apply`` takes plain puts and deletes in Cython (``_kv.apply_plain``); the general Python path must
+    give the same results, entries, indexes and key order for any mix of commands."""
+    fast, general = KVStore(), KVStore()
+    results = apply_all(fast, log)
+    assert results == [general._apply_general(index, command) for index, command in enumerate(log, 1)]
+    assert fast.state_hash() == general.state_hash() and fast.index == general.index
+    assert fast.keys("") == general.keys("")
+    assert fast.snapshot_binary() == general.snapshot_binary()
+
+
+def test_the_cython_apply_path_leaves_commands_it_does_not_know_to_the_general_one() -> None:
+    store = KVStore()
+    with_meta = encode_put("config/a", b"1", author="me")  # a change record: general path only
+    assert store.apply(1, with_meta) is True and store.get("config/a") is not None
+    plain = encode_put("b", b"2")
+    with pytest.raises(ValueError, match="unknown KV op 9"):
+        store.apply(2, bytes([9]) + plain[1:])
+    with pytest.raises(UnicodeDecodeError):
+        store.apply(3, plain[:20] + b"\xff" + plain[21:])  # the key (byte 20 on) is not UTF-8
+    assert store.index == 1 and store.keys("") == ["config/a"]
+
+
 async def test_watchers_wake_only_for_their_prefix() -> None:
     store = KVStore()
     config_watch = asyncio.ensure_future(store.wait_for_change("config/", 30))

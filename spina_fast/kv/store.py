@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 from sortedcontainers import SortedList
 
-from spina_fast._kv import decode_entries, encode_entries, is_encoded
+from spina_fast._kv import apply_plain, decode_entries, encode_entries, is_encoded
 from spina_fast.errors import InvalidRequest
 
 MAX_VALUE_BYTES = 512 * 1024
@@ -209,6 +209,13 @@ class KVStore:
 
     def apply(self, index: int, command: bytes) -> bool:
         """Apply one command committed at ``index``; returns its result (False = CAS failed)."""
+        result = apply_plain(self, index, command, 0, b"")  # plain puts and deletes, in Cython
+        if result is not None:
+            return result
+        return self._apply_general(index, command)
+
+    def _apply_general(self, index: int, command: bytes) -> bool:
+        """``apply`` for every command, including those ``apply_plain`` takes (tests compare the two)."""
         op, flags, cas, has_cas, key_length = _HEADER.unpack_from(command)
         start = _HEADER.size
         if op & OP_HAS_META:
