@@ -28,10 +28,10 @@ Spare segments: while a segment fills up, a worker thread writes the next one ah
 (``wal-spare.tmp``, ``segment_bytes`` long, fdatasynced), and a roll renames it into place. Appending to a file
 that grows makes every fdatasync commit the new size through the filesystem's journal as well; overwriting
 blocks already written and synced does not (here, ext4: one 200-byte record per fdatasync 15.4k/s over zeros
-against 9.6k/s appending, ``benchmarks/wal_write.py``'s "raw over zeros" column). So a segment may end in zeros after its
-last record: replay reads them as the end of the log, not as damage. A finished segment is cut to its last
-record before the next one starts, so only the last segment has such a tail. (etcd keeps a preallocated
-spare segment for the same reason.)
+against 9.6k/s appending, ``benchmarks/wal_write.py``'s "raw over zeros" column). So a segment may end in
+zeros after its last record: replay reads them as the end of the log, not as damage. A finished segment is cut
+to its last record before the next one starts, so only the last segment has such a tail. (etcd keeps a
+preallocated spare segment for the same reason.)
 
 Durability: ``write`` hands the bytes to the kernel (one ``os.write`` per call, no fsync); ``sync`` makes
 everything written so far durable with one ``fdatasync`` shared by all concurrent callers (group commit).
@@ -572,6 +572,8 @@ class RaftStorage:
 
     def _write_spare(self, path: Path, size: int) -> None:
         """The next segment as ``size`` zero bytes, durable (runs in a worker thread)."""
+        if self._closed:
+            raise StorageError("closed before preparing the next segment")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
@@ -826,10 +828,14 @@ class RaftStorage:
                     os.close(fd)
             self._fd = self._directory_fd = -1
             self._retired_fds.clear()
-        for executor in (self._executor, self._spare_executor):
-            if executor is not None:
-                executor.shutdown(wait=False)
-        self._executor = self._spare_executor = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        if self._spare_executor is not None:
+            # Stops within one step; waited for, so that a log reopened on this directory never shares its
+            # spare file with a thread of this one.
+            self._spare_executor.shutdown(wait=True)
+            self._spare_executor = None
 
     def _fail(self, failure: BaseException) -> None:
         if self._failure is None:

@@ -475,6 +475,19 @@ def test_segments_roll_into_spares_written_ahead(tmp_path: Path) -> None:
     assert RaftStorage.open(tmp_path, segment_bytes=4096).entries() == [*written, (101, 2, b"after the reopen")]
 
 
+def test_close_waits_for_the_spare_and_a_reopen_discards_it(tmp_path: Path) -> None:
+    storage = RaftStorage.open(tmp_path, segment_bytes=64 << 20)
+    storage.write(None, [(1, 1, bytes(32 << 20))])  # half a segment: the spare is being written now
+    assert storage._spare is not None
+    spare = storage._spare
+    storage.close()
+    assert spare.done()  # no thread of the closed log writes any more
+    reopened = RaftStorage.open(tmp_path, segment_bytes=64 << 20)
+    assert not (tmp_path / "wal-spare.tmp").exists()
+    assert reopened.last_index == 1
+    reopened.close()
+
+
 def test_no_spare_without_fsync(tmp_path: Path) -> None:
     storage = RaftStorage.open(tmp_path, segment_bytes=1000, fsync=False)
     for index in range(1, 51):
