@@ -211,7 +211,9 @@ kafka_java() {
   # Small heap; C1-only JIT starts ~1s faster on 2 cores. A benchmark
   # wanting full-speed brokers sets SPINA_KAFKA_JAVA_OPTS="-Xmx1g".
   read -r -a KJAVA <<<"java ${SPINA_KAFKA_JAVA_OPTS:--Xms128m -Xmx512m -XX:TieredStopAtLevel=1}"
-  KJAVA+=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+  # Kafka's own GC choice unless the options pick a collector (e.g. -XX:+UseZGC).
+  [[ " ${KJAVA[*]} " == *" -XX:+Use"*"GC "* ]] || KJAVA+=(-XX:+UseG1GC -XX:MaxGCPauseMillis=20)
+  KJAVA+=(-XX:+ExitOnOutOfMemoryError
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$d/log4j2.properties"
     -cp "$KAFKA_LIBS/*")
 }
