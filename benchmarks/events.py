@@ -66,10 +66,19 @@ def _emit(doc: dict[str, Any]) -> None:
     print(json.dumps(doc), flush=True)
 
 
+_PAD_FRAME = len('{"seq":,"pad":""}')
+_PADS: dict[int, str] = {}
+
+
 def _payload(seq: int, size: int) -> dict[str, Any]:
-    """A JSON payload of exactly ``size`` bytes (compact JSON, as orjson writes it)."""
-    frame = len(json.dumps({"seq": seq, "pad": ""}, separators=(",", ":")))
-    return {"seq": seq, "pad": "x" * (size - frame)}
+    """A JSON payload of exactly ``size`` bytes (compact JSON, as orjson writes it). Cheap: the paced bulk
+    producer of the priority run builds 100,000 a second on the clock (a json.dumps per payload to measure
+    the frame held it to 60-75k/s on a core of its own)."""
+    length = size - _PAD_FRAME - len(str(seq))
+    pad = _PADS.get(length)
+    if pad is None:
+        pad = _PADS[length] = "x" * length
+    return {"seq": seq, "pad": pad}
 
 
 def _librdkafka(config: Any) -> dict[str, Any]:
