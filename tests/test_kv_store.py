@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spina_fast.errors import InvalidRequest
@@ -74,6 +74,7 @@ commands = st.lists(st.one_of(
 ), max_size=30)
 
 
+@settings(deadline=None)  # a loaded CI machine may take longer than the default 200 ms per example
 @given(commands)
 def test_same_commands_give_same_hash_and_snapshots_restore_exactly(log: list[bytes]) -> None:
     first, second = KVStore(), KVStore()
@@ -95,6 +96,7 @@ parity_commands = st.lists(st.one_of(
 ), max_size=40)
 
 
+@settings(deadline=None)
 @given(parity_commands)
 def test_the_cython_apply_path_matches_the_general_one(log: list[bytes]) -> None:
     """``apply`` takes plain puts and deletes in Cython (``_kv.apply_plain``); the general Python path must
