@@ -226,11 +226,14 @@ class _Replay:
 
         Damage is only returned for a torn tail of the last segment; anything else raises StorageCorrupted.
         """
-        if len(data) < len(MAGIC):
-            if is_last and MAGIC.startswith(data):
-                return 0, 0, f"segment header cut short at {len(data)} bytes"
-            raise StorageCorrupted(path, 0, "file is too short for the segment header")
         if not data.startswith(MAGIC):
+            # A segment started but never written: its header cut short, in front of nothing or of a spare's
+            # zeros (a crash between taking the spare and writing the header).
+            content = data.rstrip(b"\0")
+            if is_last and len(content) < len(MAGIC) and MAGIC.startswith(content):
+                return 0, 0, f"segment header cut short at {len(content)} bytes"
+            if len(data) < len(MAGIC):
+                raise StorageCorrupted(path, 0, "file is too short for the segment header")
             raise StorageCorrupted(path, 0, f"not a write-ahead log segment (header {data[:8]!r})")
         view = memoryview(data)
         max_entry_index = 0

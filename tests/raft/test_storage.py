@@ -475,6 +475,31 @@ def test_segments_roll_into_spares_written_ahead(tmp_path: Path) -> None:
     assert RaftStorage.open(tmp_path, segment_bytes=4096).entries() == [*written, (101, 2, b"after the reopen")]
 
 
+def test_a_crash_between_taking_the_spare_and_writing_its_header_loses_nothing(tmp_path: Path) -> None:
+    storage = RaftStorage.open(tmp_path, segment_bytes=4096)
+    written = [(index, 1, random.Random(index).randbytes(100)) for index in range(1, 6)]
+    storage.write(None, written)
+    storage.close()
+    # The spare, renamed into the next segment's name, still all zeros; a second name for it left behind too.
+    (tmp_path / "wal-0000000000000002-0000000000000006.log").write_bytes(bytes(4096))
+    (tmp_path / "wal-spare.tmp").write_bytes(bytes(4096))
+    reopened = RaftStorage.open(tmp_path, segment_bytes=4096)
+    assert reopened.entries() == written and reopened.segment_count == 2
+    reopened.write(None, [(6, 1, b"six")])
+    reopened.close()
+    assert RaftStorage.open(tmp_path, segment_bytes=4096).entries() == [*written, (6, 1, b"six")]
+
+
+def test_a_zero_filled_segment_that_is_not_the_last_is_refused(tmp_path: Path) -> None:
+    storage = RaftStorage.open(tmp_path, segment_bytes=4096)
+    storage.write(None, [(1, 1, b"one")])
+    storage.close()
+    (tmp_path / "wal-0000000000000002-0000000000000002.log").write_bytes(bytes(4096))
+    (tmp_path / "wal-0000000000000003-0000000000000002.log").write_bytes(b"")
+    with pytest.raises(StorageCorrupted, match="not a write-ahead log segment"):
+        RaftStorage.open(tmp_path)
+
+
 def test_close_waits_for_the_spare_and_a_reopen_discards_it(tmp_path: Path) -> None:
     storage = RaftStorage.open(tmp_path, segment_bytes=64 << 20)
     storage.write(None, [(1, 1, bytes(32 << 20))])  # half a segment: the spare is being written now
