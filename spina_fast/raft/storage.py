@@ -425,8 +425,7 @@ class RaftStorage:
             good_end, segment.max_entry_index, damage = replay.segment(segment.path, data, is_last)
             if damage is not None:
                 self._cut_torn_tail(segment.path, good_end, len(data), damage)
-                data = data[:good_end]
-            self._segment_file_size = len(data)
+            self._segment_file_size = good_end if damage is not None else len(data)
         if replay.first != replay.snapshot_index + 1:
             raise StorageCorrupted(
                 found[0].path, 0,
